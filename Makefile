@@ -1,0 +1,40 @@
+# Every target sets up what it needs: the virtualenv and packages, Debian's
+# redis-server, and the FerretDB launcher (built once with Go into .cache/).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PORT ?= 8000
+WORKERS ?= 2
+HOST ?= 127.0.0.1
+
+.PHONY: run test lint format setup servers bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(PY) -m scripts.stack setup
+
+run: setup
+	PORT=$(PORT) $(PY) -m scripts.stack exec -- $(VENV)/bin/sanic service.app:create_app \
+		--factory --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy service rollups scripts tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis

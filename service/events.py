@@ -1,0 +1,221 @@
+"""The event schema and the one-pass batch validator used on the hot path.
+
+msgspec decodes and checks types, patterns, lengths and unknown fields in C;
+what it cannot express (timestamp bounds, metadata size and depth) is checked
+here afterwards, and only when the cheap pass already succeeded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import msgspec
+
+# "$(?!\n)": a bare "$" also matches before a trailing newline in Python's re;
+# the look-ahead closes that hole and still means the same in ECMA regexes.
+ID_PATTERN = r"^[A-Za-z0-9_.:-]+$(?!\n)"
+TYPE_PATTERN = r"^[a-z0-9_.:-]+$(?!\n)"
+# printable: no C0/C1 control characters and no DEL
+USER_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$(?!\n)"
+
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=ID_PATTERN)]
+AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
+UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=USER_PATTERN)]
+EventType = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=TYPE_PATTERN)]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+
+MAX_PROBLEMS = 50
+
+FIELD_RULES = {
+    "event_id": "must be 1..128 characters of A-Z a-z 0-9 _ . : -",
+    "account_id": "must be 1..64 characters of A-Z a-z 0-9 _ . : -",
+    "user_id": "must be 1..128 printable characters (no control characters)",
+    "type": "must be 1..64 characters of a-z 0-9 _ . : -",
+}
+
+
+class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    event_id: EventId
+    account_id: AccountId
+    user_id: UserId
+    type: EventType
+    timestamp: Timestamp
+    metadata: dict[str, Any] | None = None
+
+
+class Problem(msgspec.Struct):
+    index: int | None
+    field: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_events: int
+    max_future: timedelta
+    max_age: timedelta
+    max_metadata_bytes: int
+    max_metadata_depth: int
+
+
+class InvalidJSON(ValueError):
+    """The body is not JSON at all (as opposed to JSON that breaks the schema)."""
+
+
+_batch_decoder = msgspec.json.Decoder(list[Event])
+_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_event_decoder = msgspec.json.Decoder(Event)
+_encoder = msgspec.json.Encoder()
+_PATH = re.compile(r"at `\$(?:\[(\d+)\])?\.?([A-Za-z0-9_]+)?")
+
+
+def decode_events(body: bytes) -> list[Event]:
+    """Decode an already validated batch (used by the flusher)."""
+    return _batch_decoder.decode(body)
+
+
+def validate_batch(body: bytes, limits: Limits, now: datetime) -> tuple[list[Event], list[Problem]]:
+    """Return the events, or the first problems found (nothing partial)."""
+    try:
+        events = _batch_decoder.decode(body)
+    except msgspec.ValidationError:
+        return [], _schema_problems(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidJSON(str(exc)) from None
+    if not events:
+        return [], [Problem(None, None, "the batch is empty; send 1 or more events")]
+    if len(events) > limits.max_events:
+        msg = f"the batch has {len(events)} events; at most {limits.max_events} allowed"
+        return [], [Problem(None, None, msg)]
+    return events, _semantic_problems(events, limits, now)
+
+
+def _schema_problems(body: bytes) -> list[Problem]:
+    """Slow path: find each broken event, so the client sees them all at once."""
+    try:
+        items = _raw_list_decoder.decode(body)
+    except msgspec.ValidationError:
+        return [Problem(None, None, "the body must be a JSON array of event objects")]
+    except msgspec.DecodeError as exc:
+        raise InvalidJSON(str(exc)) from None
+    problems: list[Problem] = []
+    for index, raw in enumerate(items):
+        try:
+            _event_decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            problems.append(_problem_from_error(index, str(exc)))
+            if len(problems) >= MAX_PROBLEMS:
+                break
+    return problems
+
+
+def _problem_from_error(index: int, message: str) -> Problem:
+    match = _PATH.search(message)
+    field = match.group(2) if match else None
+    if field is None and message.startswith(("Object missing required", "Object contains unknown")):
+        field = message.split("`")[1]
+    clean = message.split(" - at `")[0]
+    if field in FIELD_RULES and ("regex" in clean or "length" in clean):
+        clean = FIELD_RULES[field]
+    return Problem(index, field, clean)
+
+
+def _semantic_problems(events: list[Event], limits: Limits, now: datetime) -> list[Problem]:
+    problems: list[Problem] = []
+    latest = now + limits.max_future
+    oldest = now - limits.max_age
+    for index, event in enumerate(events):
+        ts = event.timestamp
+        if ts > latest:
+            problems.append(
+                Problem(
+                    index, "timestamp", f"more than {_seconds(limits.max_future)} in the future"
+                )
+            )
+        elif ts < oldest:
+            problems.append(
+                Problem(
+                    index, "timestamp", f"older than the retention of {limits.max_age.days} days"
+                )
+            )
+        if event.metadata is not None:
+            problem = _metadata_problem(event.metadata, limits)
+            if problem:
+                problems.append(Problem(index, "metadata", problem))
+        if len(problems) >= MAX_PROBLEMS:
+            return problems[:MAX_PROBLEMS]
+    return problems
+
+
+def _seconds(delta: timedelta) -> str:
+    return f"{int(delta.total_seconds())} s"
+
+
+def _metadata_problem(metadata: dict[str, Any], limits: Limits) -> str | None:
+    size = len(_encoder.encode(metadata))
+    if size > limits.max_metadata_bytes:
+        return f"encodes to {size} bytes; at most {limits.max_metadata_bytes} allowed"
+    return _storable_problem(metadata, 1, limits.max_metadata_depth)
+
+
+INT64 = range(-(2**63), 2**63)
+
+
+def _storable_problem(value: object, depth: int, max_depth: int) -> str | None:
+    """Depth and the few things BSON/MongoDB cannot store, found in one walk."""
+    if isinstance(value, dict):
+        if depth > max_depth:
+            return f"nested more than {max_depth} levels deep"
+        for key, item in value.items():
+            if key.startswith("$") or "." in key or "\x00" in key:
+                return f"key {key!r} may not start with '$' or contain '.' or NUL"
+            problem = _storable_problem(item, depth + 1, max_depth)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        if depth > max_depth:
+            return f"nested more than {max_depth} levels deep"
+        for item in value:
+            problem = _storable_problem(item, depth + 1, max_depth)
+            if problem:
+                return problem
+    elif isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
+        return "integers must fit in 64 bits"
+    return None
+
+
+def to_document(event: Event, ingested_at: datetime) -> dict[str, Any]:
+    """The stored form: UTC times plus the minute/hour keys rollups group by."""
+    ts = event.timestamp.astimezone(UTC)
+    doc: dict[str, Any] = {
+        "_id": storage_id(event.account_id, event.event_id),
+        "event_id": event.event_id,
+        "account_id": event.account_id,
+        "user_id": event.user_id,
+        "type": event.type,
+        "timestamp": ts,
+        "minute": ts.replace(second=0, microsecond=0),
+        "hour": ts.replace(minute=0, second=0, microsecond=0),
+        "ingested_at": ingested_at,
+    }
+    if event.metadata is not None:
+        doc["metadata"] = event.metadata
+    return doc
+
+
+def storage_id(account_id: str, event_id: str) -> str:
+    # "|" is outside both id alphabets, so the key is unambiguous.
+    return f"{account_id}|{event_id}"
+
+
+def batch_schema() -> dict[str, Any]:
+    """JSON Schema of the POST /events body, for the OpenAPI document."""
+    schema: dict[str, Any] = msgspec.json.schema(list[Event])
+    return schema
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,106 @@
+"""Process titles, the entry point of managed processes, and the watchdog.
+
+Sanic 25.12 does not restart a process that dies (a SIGKILLed HTTP worker or
+managed process stays dead while the main process runs on), so the main
+process runs a watchdog thread that asks Sanic's worker manager to restart
+any process found dead, logs it and counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+from setproctitle import setproctitle
+
+log = logging.getLogger("service.watchdog")
+
+TITLE_PREFIX = "events-service"
+
+
+def set_title(role: str) -> None:
+    setproctitle(f"{TITLE_PREFIX}: {role}")
+
+
+def configure_logging() -> None:
+    """Our loggers only; Sanic configures its own."""
+    logger = logging.getLogger("service")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+    )
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def run_process(role: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run a managed process's coroutine on uvloop, titled for ``ps``."""
+    set_title(role)
+    configure_logging()
+    import uvloop
+
+    uvloop.run(main)
+
+
+class Watchdog(threading.Thread):
+    """Restarts dead processes through the manager's own monitor channel.
+
+    Messages go through ``monitor_publisher`` so the restart itself runs on
+    the manager's thread, never concurrently with its bookkeeping.
+    """
+
+    def __init__(self, manager: Any, interval: float) -> None:
+        super().__init__(name="watchdog", daemon=True)
+        self._manager = manager
+        self._interval = interval
+        self._stopping = threading.Event()
+        self._requested: set[int] = set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        from sanic.worker.process import ProcessState
+
+        from service import metrics
+
+        while not self._stopping.wait(self._interval):
+            if getattr(self._manager, "_shutting_down", False):
+                return
+            for process in list(self._manager.processes):
+                if process.is_alive() or process.state in (
+                    ProcessState.RESTARTING,
+                    ProcessState.NONE,
+                    ProcessState.IDLE,
+                ):
+                    continue
+                if process.state not in (ProcessState.FAILED, ProcessState.COMPLETED):
+                    continue  # the manager's monitor loop has not synced it yet
+                if process.pid in self._requested:
+                    continue
+                self._requested.add(process.pid)
+                role = _role(process.name)
+                log.error(
+                    "process %s (pid %s) died with exit code %s; restarting it",
+                    process.name,
+                    process.pid,
+                    process.exitcode,
+                )
+                metrics.PROCESS_RESTARTS.labels(role).inc()
+                metrics.mark_process_dead(process.pid)
+                self._manager.monitor_publisher.send(process.name)
+
+
+def _role(process_name: str) -> str:
+    if "Server" in process_name:
+        return "http"
+    for role in ("flusher", "rollups"):
+        if role in process_name:
+            return role
+    return process_name

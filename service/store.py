@@ -1,0 +1,93 @@
+"""MongoDB: the raw events collection, its indexes, and idempotent writes.
+
+Works the same on FerretDB v1 (SQLite) and a real MongoDB 7: no TTL index is
+assumed (FerretDB v1 answers NotImplemented), so retention falls back to a
+periodic delete when the server refuses one.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, OperationFailure
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+EVENTS = "events"
+DUPLICATE_KEY = 11000
+NOT_IMPLEMENTED = 238
+
+Document = dict[str, Any]
+
+
+def connect(settings: Settings) -> AsyncMongoClient[Document]:
+    return AsyncMongoClient(
+        settings.mongo_url,
+        tz_aware=True,
+        serverSelectionTimeoutMS=settings.mongo_timeout_ms,
+        connectTimeoutMS=settings.mongo_timeout_ms,
+        socketTimeoutMS=settings.mongo_timeout_ms,
+        timeoutMS=settings.mongo_timeout_ms,
+    )
+
+
+def database(client: AsyncMongoClient[Document], settings: Settings) -> AsyncDatabase[Document]:
+    return client[settings.mongo_db]
+
+
+def events(db: AsyncDatabase[Document]) -> AsyncCollection[Document]:
+    return db[EVENTS]
+
+
+async def ensure_event_indexes(db: AsyncDatabase[Document], settings: Settings) -> bool:
+    """Create the raw-event indexes; returns whether a TTL index does retention.
+
+    The dedupe key is ``_id`` (``account_id|event_id``), unique by definition.
+    """
+    coll = events(db)
+    await coll.create_index([("account_id", ASCENDING), ("timestamp", ASCENDING)])
+    await coll.create_index([("account_id", ASCENDING), ("minute", ASCENDING)])
+    await coll.create_index([("ingested_at", ASCENDING)])
+    try:
+        await coll.create_index(
+            [("timestamp", ASCENDING)],
+            expireAfterSeconds=int(timedelta(days=settings.raw_retention_days).total_seconds()),
+            name="timestamp_ttl",
+        )
+        return True
+    except OperationFailure as exc:
+        if exc.code != NOT_IMPLEMENTED:
+            raise
+        log.info("server has no TTL indexes; raw retention runs as a periodic delete")
+        await coll.create_index([("timestamp", ASCENDING)])
+        return False
+
+
+async def insert_events(coll: AsyncCollection[Document], docs: list[Document]) -> int:
+    """Insert, treating 'already there' as success; returns how many were new.
+
+    Any write error other than a duplicate key is re-raised.
+    """
+    if not docs:
+        return 0
+    try:
+        result = await coll.insert_many(docs, ordered=False)
+        return len(result.inserted_ids)
+    except BulkWriteError as exc:
+        details = exc.details
+        others = [e for e in details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY]
+        if others or details.get("writeConcernErrors"):
+            raise
+        return int(details.get("nInserted", 0))
+
+
+async def delete_expired_events(coll: AsyncCollection[Document], before: datetime) -> int:
+    result = await coll.delete_many({"timestamp": {"$lt": before}})
+    return result.deleted_count
