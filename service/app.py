@@ -25,6 +25,8 @@ from service.responses import error_response
 
 log = logging.getLogger("service.app")
 
+App = Sanic[Any, Any]
+
 APP_NAME = "events_service"
 
 ERROR_NAMES = {
@@ -40,12 +42,12 @@ ERROR_NAMES = {
 }
 
 
-def create_app() -> Sanic:
+def create_app() -> App:
     """The factory Sanic's CLI calls in the main process and in each worker."""
     return build_app(load_settings())
 
 
-def build_app(settings: Settings) -> Sanic:
+def build_app(settings: Settings) -> App:
     export_metrics_dir(settings, os.getpid())
     app = Sanic(APP_NAME)
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
@@ -68,7 +70,7 @@ def build_app(settings: Settings) -> Sanic:
     return app
 
 
-def _add_routes(app: Sanic) -> None:
+def _add_routes(app: App) -> None:
     ingest = openapi.definition(
         summary="Ingest a batch of 1..1000 events (all-or-nothing)",
         body={"application/json": batch_schema()},
@@ -83,7 +85,7 @@ def _add_routes(app: Sanic) -> None:
     app.add_route(ops.metrics_endpoint, "/metrics", methods=["GET"], name="metrics")
 
 
-def _add_error_handler(app: Sanic) -> None:
+def _add_error_handler(app: App) -> None:
     async def on_error(request: Request, exc: Exception) -> Any:
         if isinstance(exc, SanicException):
             status = exc.status_code
@@ -99,9 +101,9 @@ def _add_error_handler(app: Sanic) -> None:
     app.error_handler.add(Exception, on_error)
 
 
-def _add_listeners(app: Sanic, settings: Settings) -> None:
+def _add_listeners(app: App, settings: Settings) -> None:
     @app.before_server_start
-    async def connect(app: Sanic) -> None:
+    async def connect(app: App) -> None:
         set_title("http worker")
         configure_logging()
         app.ctx.redis = queue.connect(settings.redis_url)
@@ -110,16 +112,16 @@ def _add_listeners(app: Sanic, settings: Settings) -> None:
         app.ctx.db = store.database(app.ctx.mongo, settings)
 
     @app.after_server_stop
-    async def disconnect(app: Sanic) -> None:
+    async def disconnect(app: App) -> None:
         await app.ctx.redis.aclose()
         await app.ctx.mongo.close()
 
     @app.main_process_start
-    async def title_main(app: Sanic) -> None:
+    async def title_main(app: App) -> None:
         set_title("main")
 
     @app.main_process_ready
-    async def start_processes(app: Sanic) -> None:
+    async def start_processes(app: App) -> None:
         from service.flusher import flusher_process
 
         if settings.run_flusher:
@@ -128,7 +130,7 @@ def _add_listeners(app: Sanic, settings: Settings) -> None:
         app.ctx.watchdog.start()
 
     @app.main_process_stop
-    async def stop_watchdog(app: Sanic) -> None:
+    async def stop_watchdog(app: App) -> None:
         watchdog = getattr(app.ctx, "watchdog", None)
         if watchdog:
             watchdog.stop()

@@ -179,6 +179,9 @@ def _storable_problem(value: object, depth: int, max_depth: int) -> str | None:
         if depth > max_depth:
             return f"nested more than {max_depth} levels deep"
         for item in value:
+            if isinstance(item, list):
+                # FerretDB v1 cannot store them; refusing keeps both backends alike
+                return "arrays directly inside arrays are not supported; wrap them in objects"
             problem = _storable_problem(item, depth + 1, max_depth)
             if problem:
                 return problem

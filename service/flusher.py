@@ -192,7 +192,8 @@ class Flusher:
         except TRANSIENT_MONGO:
             raise
         except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
+            errors = [e for e in exc.details.get("writeErrors", [])
+                      if e.get("code") != store.DUPLICATE_KEY]  # fmt: skip
             reason = errors[0].get("errmsg", str(exc)) if errors else str(exc)
             raise _Permanent(f"MongoDB refused the write: {reason}") from exc
         except (PyMongoError, ValueError, TypeError, OverflowError) as exc:

@@ -9,6 +9,7 @@ Redis or MongoDB (queue depth, rollup lag) are read at scrape time instead.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -44,23 +45,34 @@ FLUSH_SECONDS = Histogram(
     "Time to write one batch to MongoDB and acknowledge it",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-PROCESS_RESTARTS = Counter(
-    "process_restarts_total", "Dead service processes restarted by the watchdog", ["process"]
-)
 ROLLUP_RUNS = Counter("rollup_runs_total", "Rollup job runs", ["outcome"])
 ROLLUP_BUCKETS = Counter("rollup_buckets_written_total", "Rollup buckets written", ["resolution"])
 
 
-def render(live_values: Mapping[str, tuple[str, float]]) -> bytes:
-    """All processes' samples plus gauges read right now (name -> (help, value))."""
+@dataclass(frozen=True)
+class Live:
+    """A figure read at scrape time: one value, or one per label value."""
+
+    help: str
+    value: float | Mapping[str, float]
+    label: str = ""
+
+
+def render(live_values: Mapping[str, Live]) -> bytes:
+    """All processes' samples plus the figures read right now."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     text = generate_latest(registry)
     live = CollectorRegistry()
-    for name, (help_text, value) in live_values.items():
-        Gauge(name, help_text, registry=live).set(value)
+    for name, figure in live_values.items():
+        if isinstance(figure.value, Mapping):
+            gauge = Gauge(name, figure.help, [figure.label], registry=live)
+            for label_value, value in figure.value.items():
+                gauge.labels(label_value).set(value)
+        else:
+            Gauge(name, figure.help, registry=live).set(figure.value)
     return text + generate_latest(live)
 
 
 def mark_process_dead(pid: int) -> None:
-    multiprocess.mark_process_dead(pid)
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -66,10 +66,12 @@ class Watchdog(threading.Thread):
         self._stopping.set()
 
     def run(self) -> None:
-        from sanic.worker.process import ProcessState
+        from sanic.worker.constants import ProcessState
 
         from service import metrics
 
+        # restarts are counted by Sanic itself ("starts" in its shared worker
+        # state), which /metrics exposes as process_restarts
         while not self._stopping.wait(self._interval):
             if getattr(self._manager, "_shutting_down", False):
                 return
@@ -85,19 +87,17 @@ class Watchdog(threading.Thread):
                 if process.pid in self._requested:
                     continue
                 self._requested.add(process.pid)
-                role = _role(process.name)
                 log.error(
                     "process %s (pid %s) died with exit code %s; restarting it",
                     process.name,
                     process.pid,
                     process.exitcode,
                 )
-                metrics.PROCESS_RESTARTS.labels(role).inc()
                 metrics.mark_process_dead(process.pid)
                 self._manager.monitor_publisher.send(process.name)
 
 
-def _role(process_name: str) -> str:
+def role_of(process_name: str) -> str:
     if "Server" in process_name:
         return "http"
     for role in ("flusher", "rollups"):
