@@ -36,7 +36,7 @@ def wait_for(
             last = exc
         else:
             if last:
-                return last
+                return last  # type: ignore[no-any-return]
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last!r}")
 
@@ -49,8 +49,15 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def make_event(account: str, n: int, *, user: str = "u1", type_: str = "page_view",
-               ts: datetime | None = None, **extra: Any) -> dict[str, Any]:
+def make_event(
+    account: str,
+    n: int,
+    *,
+    user: str = "u1",
+    type_: str = "page_view",
+    ts: datetime | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     event = {
         "event_id": f"e{n}",
         "account_id": account,
@@ -109,10 +116,10 @@ class Service:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as exc:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError("service did not stop on SIGTERM: " + self.log_tail())
+                raise AssertionError("service did not stop on SIGTERM: " + self.log_tail()) from exc
         code = self.proc.returncode
         self.proc = None
         return code
@@ -123,8 +130,9 @@ class Service:
     def children(self) -> dict[int, str]:
         """pid -> process title, for every process of this service."""
         assert self.proc is not None
-        out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+        ).stdout
         found: dict[int, str] = {}
         for line in out.splitlines():
             pid, ppid, args = line.strip().split(None, 2)

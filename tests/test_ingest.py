@@ -97,10 +97,13 @@ def batches(draw: st.DrawFn) -> list[dict[str, Any]]:
         offset = draw(st.integers(-6 * 24 * 3600 * 1000, 240 * 1000))
         event: dict[str, Any] = {
             "event_id": event_id,
-            "user_id": draw(st.text(
-                alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
-                min_size=1, max_size=30,
-            )),  # fmt: skip
+            "user_id": draw(
+                st.text(
+                    alphabet=st.characters(blacklist_categories=("Cc", "Cs")),
+                    min_size=1,
+                    max_size=30,
+                )
+            ),
             "type": draw(st.sampled_from(["page_view", "message_sent", "call_made", "login"])),
             "timestamp": iso(now + timedelta(milliseconds=offset)),
         }

@@ -1,0 +1,94 @@
+"""One `sanic ... --workers 2` command runs everything, titles it, and heals it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import httpx
+import pytest
+
+from tests.conftest import ServiceFactory
+from tests.support import Backends, Service, drained, make_event, unique, wait_for
+
+
+@pytest.fixture(scope="module")
+def two_workers(start_service: ServiceFactory) -> tuple[Service, Backends]:
+    return start_service(workers=2)
+
+
+def metric(service: Service, name: str) -> float:
+    text = httpx.get(f"{service.url}/metrics").text
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_two_workers_serve_and_the_flusher_drains(two_workers: tuple[Service, Backends]) -> None:
+    service, backends = two_workers
+    account = unique("two")
+    with httpx.Client(base_url=service.url) as client:
+        for i in range(40):  # many connections: both workers take some
+            batch = [make_event(account, i * 10 + j) for j in range(10)]
+            assert (
+                client.post("/events", json=batch, headers={"connection": "close"}).status_code
+                == 202
+            )
+    wait_for(drained(backends, account, 400), what="400 events stored")
+    assert metric(service, "events_accepted_total") >= 400
+    assert metric(service, "events_stored_total") >= 400
+    assert metric(service, "flush_batch_events_count") >= 1
+    assert metric(service, "queue_depth_events") == 0
+
+
+def test_every_process_has_a_recognisable_title(two_workers: tuple[Service, Backends]) -> None:
+    service, _ = two_workers
+    titles = sorted(service.children().values())
+    assert titles.count("events-service: http worker") == 2, titles
+    assert titles.count("events-service: flusher") == 1, titles
+
+
+@pytest.mark.parametrize("role", ["http worker", "flusher"])
+def test_a_sigkilled_process_is_restarted_logged_and_counted(
+    two_workers: tuple[Service, Backends], role: str
+) -> None:
+    service, backends = two_workers
+    label = "http" if role == "http worker" else role
+    restarts_before = metric(service, f'process_restarts{{process="{label}"}}')
+    before = service.pids_titled(role)
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: (
+            len(service.pids_titled(role)) == len(before)
+            and victim not in service.pids_titled(role)
+        ),
+        20,
+        what=f"a new {role}",
+    )
+    wait_for(service.is_ready, 20)
+    assert f"pid {victim}) died" in service.log_tail(20000)
+    wait_for(lambda: metric(service, f'process_restarts{{process="{label}"}}')
+             == restarts_before + 1, 10, what="the restart to be counted")  # fmt: skip
+    account = unique("after_restart")
+    assert service.post([make_event(account, 1)]).status_code == 202
+    wait_for(drained(backends, account, 1), what="the event stored after the restart")
+
+
+def test_health_ready_metrics_and_openapi(two_workers: tuple[Service, Backends]) -> None:
+    service, _ = two_workers
+    assert httpx.get(f"{service.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{service.url}/ready").json() == {
+        "status": "ready", "redis": True, "mongodb": True,
+    }  # fmt: skip
+    bad = httpx.post(
+        f"{service.url}/events", content=b"[", headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 400
+    text = httpx.get(f"{service.url}/metrics").text
+    assert 'ingest_requests_rejected_total{reason="invalid_json"}' in text
+    for name in ("events_accepted_total", "ingest_requests_rejected_total", "flush_seconds",
+                 "queue_depth_events", "dead_letter_entries", "process_restarts"):  # fmt: skip
+        assert name in text
+    spec = httpx.get(f"{service.url}/docs/openapi.json").json()
+    assert "/events" in spec["paths"]
