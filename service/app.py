@@ -73,7 +73,7 @@ def build_app(settings: Settings) -> App:
 def _add_routes(app: App) -> None:
     ingest = openapi.definition(
         summary="Ingest a batch of 1..1000 events (all-or-nothing)",
-        body={"application/json": batch_schema()},
+        body={"application/json": batch_schema(app.ctx.settings.max_batch_events)},
         response=[
             openapi.definitions.Response({"application/json": {"type": "object"}}, status=202),
             openapi.definitions.Response({"application/json": {"type": "object"}}, status=400),

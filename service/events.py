@@ -214,10 +214,15 @@ def storage_id(account_id: str, event_id: str) -> str:
     return f"{account_id}|{event_id}"
 
 
-def batch_schema() -> dict[str, Any]:
-    """JSON Schema of the POST /events body, for the OpenAPI document."""
-    schema: dict[str, Any] = msgspec.json.schema(list[Event])
-    return schema
+def batch_schema(max_events: int = 1000) -> dict[str, Any]:
+    """JSON Schema of the POST /events body, self-contained for the OpenAPI document."""
+    _, components = msgspec.json.schema_components([Event])
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": max_events,
+        "items": components["Event"],
+    }
 
 
 def now_utc() -> datetime:
