@@ -1,0 +1,71 @@
+"""Pure functions: settings parsing and the validator on arbitrary bytes."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.config import SettingsError, load_settings
+from service.events import InvalidJSON, Limits, now_utc, validate_batch
+
+LIMITS = Limits(1000, timedelta(minutes=5), timedelta(days=7), 8192, 8)
+
+
+def test_defaults_match_the_documented_configuration() -> None:
+    s = load_settings({})
+    assert (s.port, s.flush_batch_size, s.flush_interval_ms) == (8000, 500, 250)
+    assert s.max_body_bytes == 1024 * 1024 and s.max_batch_events == 1000
+    assert s.raw_retention_days == 7 and s.var_dir == Path("var")
+    assert s.api_keys == {}
+
+
+def test_environment_overrides_are_typed() -> None:
+    s = load_settings({"PORT": "9001", "RUN_FLUSHER": "false", "VAR_DIR": "/x",
+                       "API_KEYS": "k1=a|b,k2=*", "ROLLUP_INTERVAL_SECONDS": "2.5"})  # fmt: skip
+    assert s.port == 9001 and s.run_flusher is False and s.var_dir == Path("/x")
+    assert s.api_keys == {"k1": frozenset({"a", "b"}), "k2": frozenset({"*"})}
+    assert s.api_key_allows("k1", "a") and not s.api_key_allows("k1", "c")
+    assert s.api_key_allows("k2", "anything") and s.api_key_allows("nope", "a") is None
+    assert s.rollup_interval_seconds == 2.5
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PORT": "eighty"}, "PORT='eighty' is not a valid int"),
+        ({"WORKERS": "0"}, "WORKERS must be positive"),
+        ({"RUN_FLUSHER": "maybe"}, "RUN_FLUSHER='maybe' is not a valid bool"),
+        ({"API_KEYS": "justakey"}, "API_KEYS must look like"),
+        ({"MONGO_TIMEOUT_MS": "60000"}, "ROLLUP_SAFETY_LAG_SECONDS must exceed MONGO_TIMEOUT_MS"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        load_settings(env)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["event_id", "account_id", "user_id", "type", "timestamp", "metadata",
+                         "x"]), inner, max_size=6),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_validator_accepts_or_explains_any_body(body: bytes) -> None:
+    try:
+        events, problems = validate_batch(body, LIMITS, now_utc())
+    except InvalidJSON:
+        return
+    assert events or problems  # never a silent nothing
+    for problem in problems:
+        assert problem.message
