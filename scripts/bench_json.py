@@ -63,7 +63,7 @@ def bodies() -> dict[str, Any]:
 
 
 def best_ns_per_op(encode: Encoder, body: Any) -> float:
-    timer = timeit.Timer(lambda: encode(body))
+    timer = timeit.Timer("encode(body)", globals={"encode": encode, "body": body})
     number, elapsed = timer.autorange()
     number = max(1, int(number * TARGET_SECONDS / max(elapsed, 1e-9)))
     return min(timer.repeat(repeat=REPEATS, number=number)) / number * 1e9

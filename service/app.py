@@ -22,6 +22,7 @@ from service.events import batch_schema
 from service.ingest import limits_from, post_events
 from service.processes import Watchdog, configure_logging, set_title
 from service.responses import error_response
+from service.summary import get_summary, rollup_figures
 
 log = logging.getLogger("service.app")
 
@@ -80,6 +81,20 @@ def _add_routes(app: App) -> None:
         ],
     )(post_events)
     app.add_route(ingest, "/events", methods=["POST"], name="post_events")
+    summary = openapi.definition(
+        summary="Exact per-account figures for a window ending now",
+        parameter=[
+            openapi.definitions.Parameter(
+                "window", str, "query", description="15m, 1h, 6h, 24h (default), 7d or 30d"
+            ),
+            openapi.definitions.Parameter(
+                "top", int, "query", description="how many top users, 1..100 (default 5)"
+            ),
+        ],
+    )(get_summary)
+    app.add_route(summary, "/summary/<account_id:str>", methods=["GET"], name="summary")
+    app.add_route(summary, "/summary", methods=["GET"], name="summary_query")
+    app.ctx.live_metrics.append(rollup_figures)
     app.add_route(ops.health, "/health", methods=["GET"], name="health")
     app.add_route(ops.ready, "/ready", methods=["GET"], name="ready")
     app.add_route(ops.metrics_endpoint, "/metrics", methods=["GET"], name="metrics")

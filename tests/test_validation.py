@@ -16,11 +16,13 @@ import pytest
 
 from tests.support import Backends, Service, make_event, unique, wait_for
 
-NOW = datetime.now(UTC)
-
 
 def good(account: str, n: int = 0, **extra: Any) -> dict[str, Any]:
     return make_event(account, n, **extra)
+
+
+def ago(delta: timedelta) -> datetime:
+    return datetime.now(UTC) - delta
 
 
 def without(event: dict[str, Any], key: str) -> dict[str, Any]:
@@ -62,8 +64,8 @@ BAD_EVENTS: list[tuple[str, Any, str | None]] = [
     ("timestamp no zone", lambda a: good(a, timestamp="2026-01-01T00:00:00"), "timestamp"),
     ("timestamp not a date", lambda a: good(a, timestamp="yesterday"), "timestamp"),
     ("timestamp a number", lambda a: good(a, timestamp=1700000000), "timestamp"),
-    ("timestamp 6 min ahead", lambda a: good(a, ts=NOW + timedelta(minutes=6)), "timestamp"),
-    ("timestamp past retention", lambda a: good(a, ts=NOW - timedelta(days=7, hours=1)),
+    ("timestamp 6 min ahead", lambda a: good(a, ts=ago(-timedelta(minutes=6))), "timestamp"),
+    ("timestamp past retention", lambda a: good(a, ts=ago(timedelta(days=7, hours=1))),
      "timestamp"),
     ("metadata not an object", lambda a: good(a, metadata=[1, 2]), "metadata"),
     ("metadata a string", lambda a: good(a, metadata="x"), "metadata"),
@@ -117,7 +119,7 @@ def test_semantic_problems_are_listed_per_event(service: tuple[Service, Backends
     account = unique("acc")
     batch = [
         good(account, 0),
-        good(account, 1, ts=NOW + timedelta(hours=1)),
+        good(account, 1, ts=datetime.now(UTC) + timedelta(hours=1)),
         good(account, 2, metadata=nested(12)),
     ]
     body = svc.post(batch).json()

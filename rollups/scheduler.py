@@ -1,0 +1,146 @@
+"""The ``rollups`` process: an APScheduler job every few seconds, under a Redis lease.
+
+Only the lease holder runs; a second instance (another host) keeps trying and
+takes over when the lease expires. Overlap is harmless anyway: buckets are
+replaced only by a newer watermark and the watermark only moves forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
+
+from rollups import jobs
+from rollups import store as rollup_store
+from rollups.buckets import Document
+from service import metrics, queue, store
+from service.config import Settings
+from service.processes import run_process
+
+log = logging.getLogger("rollups.scheduler")
+
+RETENTION_EVERY_SECONDS = 600.0
+
+# KEYS: lease; ARGV: token, ttl ms. Take it if free, extend it if ours.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class Lease:
+    def __init__(self, client: aioredis.Redis, key: str, ttl_seconds: float) -> None:
+        self._client = client
+        self.key = key
+        self.token = f"{socket.gethostname()}:{uuid.uuid4().hex}"
+        self._ttl_ms = int(ttl_seconds * 1000)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+
+    async def hold(self) -> bool:
+        return bool(await self._acquire(keys=[self.key], args=[self.token, self._ttl_ms]))
+
+    async def release(self) -> None:
+        await self._release(keys=[self.key], args=[self.token])
+
+
+def lease_key(settings: Settings) -> str:
+    return f"{settings.mongo_db}:rollups:lease"
+
+
+class RollupRunner:
+    def __init__(self, db: AsyncDatabase[Document], lease: Lease, settings: Settings) -> None:
+        self._db = db
+        self._lease = lease
+        self._settings = settings
+        self._last_retention = 0.0
+
+    async def tick(self) -> None:
+        try:
+            if not await self._lease.hold():
+                return
+            result = await jobs.run_once(self._db, self._settings)
+            await self._expire_if_due()
+        except (PyMongoError, RedisError, OSError) as exc:
+            metrics.ROLLUP_RUNS.labels("error").inc()
+            log.warning("rollup run failed (%s); the next run redoes it", exc)
+            return
+        if result is None:
+            metrics.ROLLUP_RUNS.labels("idle").inc()
+            return
+        metrics.ROLLUP_RUNS.labels("ok").inc()
+        metrics.ROLLUP_BUCKETS.labels("minute").inc(result.minute_buckets)
+        metrics.ROLLUP_BUCKETS.labels("hour").inc(result.hour_buckets)
+
+    async def _expire_if_due(self) -> None:
+        if time.monotonic() - self._last_retention < RETENTION_EVERY_SECONDS:
+            return
+        self._last_retention = time.monotonic()
+        await jobs.expire_buckets(self._db, self._settings, datetime.now(UTC))
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    redis = queue.connect(settings.redis_url)
+    mongo = store.connect(settings)
+    db = store.database(mongo, settings)
+    lease = Lease(
+        redis, lease_key(settings), ttl_seconds=max(30.0, 6 * settings.rollup_interval_seconds)
+    )
+    runner = RollupRunner(db, lease, settings)
+    scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
+    try:
+        while not stop.is_set():
+            try:
+                await rollup_store.ensure_indexes(db)
+                break
+            except PyMongoError as exc:
+                log.warning("cannot create rollup indexes yet (%s); retrying", exc)
+                await asyncio.sleep(1)
+        scheduler.add_job(
+            runner.tick,
+            "interval",
+            seconds=settings.rollup_interval_seconds,
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+            id="rollups",
+        )
+        scheduler.start()
+        await stop.wait()
+    finally:
+        if scheduler.running:
+            scheduler.shutdown(wait=False)
+        with contextlib.suppress(RedisError):
+            await lease.release()
+        await redis.aclose()
+        await mongo.close()
+
+
+def rollups_process(settings: Settings) -> None:
+    """Entry point of the managed ``rollups`` process."""
+    run_process("rollups", serve(settings))
