@@ -137,10 +137,14 @@ def _add_listeners(app: App, settings: Settings) -> None:
 
     @app.main_process_ready
     async def start_processes(app: App) -> None:
+        from rollups.scheduler import rollups_process
         from service.flusher import flusher_process
 
+        kwargs = {"settings": settings}
         if settings.run_flusher:
-            app.manager.manage("flusher", flusher_process, {"settings": settings}, restartable=True)
+            app.manager.manage("flusher", flusher_process, kwargs, restartable=True)
+        if settings.run_rollups:
+            app.manager.manage("rollups", rollups_process, kwargs, restartable=True)
         app.ctx.watchdog = Watchdog(app.manager, settings.watchdog_interval_seconds)
         app.ctx.watchdog.start()
 
