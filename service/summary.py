@@ -51,17 +51,18 @@ def iso(ts: datetime) -> str:
 
 
 def parse_request(request: Request, account_id: str | None) -> tuple[str, str, int] | HTTPResponse:
-    account = account_id if account_id is not None else request.args.get("account_id")
+    args = request.get_args(keep_blank_values=True)  # "window=" is a mistake, not a default
+    account = account_id if account_id is not None else args.get("account_id")
     if not account or not ACCOUNT.match(account):
         return error_response(
             400, "bad_request", "account_id must be 1..64 characters of A-Z a-z 0-9 _ . : -"
         )
-    window = request.args.get("window", "24h")
+    window = args.get("window", "24h")
     if window not in WINDOWS:
         return error_response(
             400, "bad_request", f"window must be one of {', '.join(WINDOWS)}", field="window"
         )
-    top_text = request.args.get("top", "5")
+    top_text = args.get("top", "5")
     if not top_text.isdigit() or not 1 <= int(top_text) <= MAX_TOP:
         return error_response(
             400, "bad_request", f"top must be a whole number from 1 to {MAX_TOP}", field="top"
