@@ -62,7 +62,7 @@ def parse_request(request: Request, account_id: str | None) -> tuple[str, str, i
         return error_response(
             400, "bad_request", f"window must be one of {', '.join(WINDOWS)}", field="window"
         )
-    top_text = args.get("top", "5")
+    top_text = str(args.get("top", "5"))
     if not top_text.isdigit() or not 1 <= int(top_text) <= MAX_TOP:
         return error_response(
             400, "bad_request", f"top must be a whole number from 1 to {MAX_TOP}", field="top"

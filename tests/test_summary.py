@@ -194,9 +194,10 @@ def test_cached_answers_never_hide_a_new_watermark(start_service: ServiceFactory
     assert first.json()["total"] == 0
     again = httpx.get(f"{service.url}/summary/{account}")
     assert again.headers["x-cache"] == "hit"
-    assert service.post([{"event_id": "e1", "account_id": account, "user_id": "u",
-                          "type": "login", "timestamp": iso(datetime.now(UTC)
-                                                            - timedelta(minutes=5))}]).status_code == 202  # fmt: skip
+    five_minutes_ago = iso(datetime.now(UTC) - timedelta(minutes=5))
+    event = {"event_id": "e1", "account_id": account, "user_id": "u", "type": "login",
+             "timestamp": five_minutes_ago}  # fmt: skip
+    assert service.post([event]).status_code == 202
     wait_for(drained(backends, account, 1))
     wait_rolled_up(backends, {account})
     fresh = httpx.get(f"{service.url}/summary/{account}")
