@@ -147,34 +147,9 @@ async def _apply(
     report: Report,
 ) -> None:
     """Write only what differs; a re-run over a finished range touches nothing."""
-    if not computed:
-        return
-    first, last = computed[0][0], computed[-1][0]
-    current = {
-        doc["start"]: counts
-        for doc, counts in await rollup_store.read_buckets(
-            db, resolution, account, first, last + timedelta(seconds=1)
-        )
-    }
-    changed = [(s, c) for s, c in computed if not _same(current.get(s), c)]
-    report.unchanged += len(computed) - len(changed)
-    if dry_run:
-        report.written += sum(1 for _, c in changed if c.total)
-        report.deleted += sum(1 for s, c in changed if not c.total and s in current)
-        return
-    if changed:
-        written, deleted = await rollup_store.write_buckets(
-            db, resolution, account, changed, watermark
-        )
-        report.written += written
-        report.deleted += deleted
-
-
-def _same(stored: Counts | None, computed: Counts) -> bool:
-    if stored is None:
-        return computed.total == 0
-    return (stored.total, stored.types, stored.users) == (
-        computed.total,
-        computed.types,
-        computed.users,
+    result = await rollup_store.write_buckets(
+        db, resolution, account, computed, watermark, dry_run=dry_run
     )
+    report.written += result.written
+    report.deleted += result.deleted
+    report.unchanged += result.unchanged

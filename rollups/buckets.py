@@ -105,19 +105,25 @@ def plan_window(window: str, to: datetime) -> WindowPlan:
     return WindowPlan(window, start, to, hours, minutes, (minute_now, to))
 
 
-def bucket_id(resolution: Resolution, account_id: str, start: datetime) -> str:
+def bucket_key(account_id: str, start: datetime) -> str:
     return f"{account_id}|{start.strftime('%Y-%m-%dT%H:%M')}"
 
 
 def to_documents(
-    resolution: Resolution, account_id: str, start: datetime, counts: Counts, watermark: datetime
+    account_id: str, start: datetime, counts: Counts, watermark: datetime, rev: datetime
 ) -> tuple[Document, list[Document]]:
-    """The bucket document and its user-chunk documents (usually none)."""
-    bid = bucket_id(resolution, account_id, start)
+    """One version of a bucket, and its user-chunk documents (usually none).
+
+    Versions are ordered by (``w``, ``rev``): the watermark the counts are exact
+    for, then the time of writing.
+    """
+    key = bucket_key(account_id, start)
+    version_id = f"{key}|{watermark.isoformat()}|{rev.isoformat()}"
     users = sorted(counts.users.items())
     chunks = [users[i : i + USERS_PER_DOC] for i in range(0, len(users), USERS_PER_DOC)] or [[]]
     bucket: Document = {
-        "_id": bid,
+        "_id": version_id,
+        "key": key,
         "account_id": account_id,
         "start": start,
         "total": counts.total,
@@ -126,18 +132,31 @@ def to_documents(
         "user_chunks": len(chunks) - 1,
         "unique_users": len(users),
         "w": watermark,
+        "rev": rev,
     }
     extra = [
         {
-            "_id": f"{bid}|{i}",
-            "bucket": bid,
+            "_id": f"{version_id}|{i}",
+            "version": version_id,
+            "key": key,
             "account_id": account_id,
             "start": start,
+            "w": watermark,
             "users": [{"u": u, "n": n} for u, n in chunk],
         }
         for i, chunk in enumerate(chunks[1:], start=1)
     ]
     return bucket, extra
+
+
+def newest_versions(docs: Iterable[Document]) -> list[Document]:
+    """The current version of each bucket among the documents read."""
+    newest: dict[str, Document] = {}
+    for doc in docs:
+        seen = newest.get(doc["key"])
+        if seen is None or (doc["w"], doc["rev"]) > (seen["w"], seen["rev"]):
+            newest[doc["key"]] = doc
+    return sorted(newest.values(), key=lambda d: d["start"])
 
 
 def from_documents(bucket: Document, chunks: Iterable[Document] = ()) -> Counts:

@@ -41,6 +41,11 @@ class RunResult:
     skipped_expired: int = 0
 
 
+def to_millis(ts: datetime) -> datetime:
+    """MongoDB keeps milliseconds; a watermark must compare equal after a round trip."""
+    return ts.replace(microsecond=ts.microsecond // 1000 * 1000)
+
+
 def raw_horizon(settings: Settings, now: datetime) -> datetime:
     """Buckets starting before this may have lost raw events to retention."""
     return now - timedelta(days=settings.raw_retention_days) + RAW_SAFETY_MARGIN
@@ -96,8 +101,8 @@ async def recompute_minutes(
         db, {"account_id": account, "minute": {"$in": minutes}}, watermark, "minute"
     )
     computed = [(m, counts.get((account, m), Counts())) for m in sorted(minutes)]
-    written, _ = await rollup_store.write_buckets(db, "minute", account, computed, watermark)
-    return written
+    result = await rollup_store.write_buckets(db, "minute", account, computed, watermark)
+    return result.written + result.deleted
 
 
 async def hour_counts(
@@ -111,7 +116,8 @@ async def hour_counts(
     """An hour's counts: summed from minute buckets while they are all kept, else raw."""
     if hour >= minute_horizon(settings, now):
         total = Counts()
-        for _, counts in await rollup_store.read_buckets(db, "minute", account, hour, hour + HOUR):
+        read = await rollup_store.read_buckets(db, "minute", account, hour, hour + HOUR)
+        for _, counts in read.buckets:
             total.merge(counts)
         return total
     raw = await count_raw(
@@ -134,8 +140,8 @@ async def recompute_hours(
     computed = [
         (h, await hour_counts(db, account, h, watermark, settings, now)) for h in sorted(hours)
     ]
-    written, _ = await rollup_store.write_buckets(db, "hour", account, computed, watermark)
-    return written
+    result = await rollup_store.write_buckets(db, "hour", account, computed, watermark)
+    return result.written + result.deleted
 
 
 async def run_once(
@@ -143,7 +149,7 @@ async def run_once(
 ) -> RunResult | None:
     """One rollup pass up to ``now - safety lag``; None when W would not advance."""
     now = now or datetime.now(UTC)
-    watermark = now - timedelta(seconds=settings.rollup_safety_lag_seconds)
+    watermark = to_millis(now - timedelta(seconds=settings.rollup_safety_lag_seconds))
     previous = await rollup_store.read_watermark(db)
     if previous is not None and watermark <= previous:
         return None

@@ -105,7 +105,7 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     redis = queue.connect(settings.redis_url)
-    mongo = store.connect(settings)
+    mongo = store.connect(settings, settings.rollup_timeout_seconds)
     db = store.database(mongo, settings)
     lease = Lease(
         redis, lease_key(settings), ttl_seconds=max(30.0, 6 * settings.rollup_interval_seconds)

@@ -51,7 +51,7 @@ async def run(args: argparse.Namespace) -> int:
     if not settings.mongo_url:
         print("MONGO_URL is not set: point it at the service's MongoDB", file=sys.stderr)
         return 2
-    client = store.connect(settings)
+    client = store.connect(settings, settings.rollup_timeout_seconds)
     started = time.monotonic()
     bar = tqdm(unit="h", desc="backfill", file=sys.stderr, dynamic_ncols=True)
 

@@ -123,7 +123,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
         configure_logging()
         app.ctx.redis = queue.connect(settings.redis_url)
         app.ctx.producer = queue.Producer(app.ctx.redis, settings)
-        app.ctx.mongo = store.connect(settings)
+        app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
 
     @app.after_server_stop

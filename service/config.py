@@ -53,9 +53,11 @@ class Settings:
     # rollups
     rollup_interval_seconds: float = 5.0
     rollup_safety_lag_seconds: float = 10.0
+    rollup_timeout_seconds: float = 300.0
     minute_retention_hours: int = 48
     hour_retention_days: int = 90
     summary_cache_seconds: int = 2
+    summary_timeout_seconds: float = 30.0
     # supervision
     watchdog_interval_seconds: float = 1.0
     run_flusher: bool = True

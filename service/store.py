@@ -27,14 +27,19 @@ NOT_IMPLEMENTED = 238
 Document = dict[str, Any]
 
 
-def connect(settings: Settings) -> AsyncMongoClient[Document]:
+def connect(settings: Settings, timeout_seconds: float | None = None) -> AsyncMongoClient[Document]:
+    """A client whose every operation ends within ``timeout_seconds``.
+
+    The default is the flusher's write timeout (MONGO_TIMEOUT_MS), which the
+    rollup safety lag must exceed; readers that scan more pass a longer one.
+    """
+    timeout_ms = int(timeout_seconds * 1000) if timeout_seconds else settings.mongo_timeout_ms
     return AsyncMongoClient(
         settings.mongo_url,
         tz_aware=True,
         serverSelectionTimeoutMS=settings.mongo_timeout_ms,
         connectTimeoutMS=settings.mongo_timeout_ms,
-        socketTimeoutMS=settings.mongo_timeout_ms,
-        timeoutMS=settings.mongo_timeout_ms,
+        timeoutMS=timeout_ms,
     )
 
 

@@ -100,8 +100,9 @@ async def compute(
     covered: dict[tuple[Resolution, datetime], datetime] = {}
     for resolution, (start, end) in (("hour", plan.hours), ("minute", plan.minutes)):
         res: Resolution = resolution  # type: ignore[assignment]
-        for doc, counts in await rollup_store.read_buckets(db, res, account, start, end):
-            reads.buckets += 1
+        read = await rollup_store.read_buckets(db, res, account, start, end)
+        reads.buckets += read.documents
+        for doc, counts in read.buckets:
             total.merge(counts)
             covered[(res, doc["start"])] = doc["w"]
     bucketed_end = plan.minutes[1]
