@@ -46,9 +46,10 @@ def test_every_process_has_a_recognisable_title(two_workers: tuple[Service, Back
     titles = sorted(service.children().values())
     assert titles.count("events-service: http worker") == 2, titles
     assert titles.count("events-service: flusher") == 1, titles
+    assert titles.count("events-service: rollups") == 1, titles
 
 
-@pytest.mark.parametrize("role", ["http worker", "flusher"])
+@pytest.mark.parametrize("role", ["http worker", "flusher", "rollups"])
 def test_a_sigkilled_process_is_restarted_logged_and_counted(
     two_workers: tuple[Service, Backends], role: str
 ) -> None:

@@ -8,7 +8,10 @@ the events (live tail) and after (buckets).
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -202,3 +205,34 @@ def test_cached_answers_never_hide_a_new_watermark(start_service: ServiceFactory
     wait_rolled_up(backends, {account})
     fresh = httpx.get(f"{service.url}/summary/{account}")
     assert fresh.json()["total"] == 1, "the cache must be keyed by the watermark"
+
+
+def test_schedulers_killed_mid_run_and_running_twice_stay_exact(
+    start_service: ServiceFactory,
+) -> None:
+    """Two services share one database (two rollups processes, one lease);
+    the rollups processes are SIGKILLed while traffic flows; figures stay exact."""
+    first, backends = start_service(**FAST_ROLLUPS)
+    second, _ = start_service(**FAST_ROLLUPS, run_flusher=False, mongo_db=backends.db_name,
+                              stream_key=backends.stream)  # fmt: skip
+    accounts = [unique("kill") for _ in range(3)]
+    now = datetime.now(UTC)
+    sent: dict[str, int] = dict.fromkeys(accounts, 0)
+    for round_ in range(6):
+        batch = [{"event_id": f"r{round_}e{i}", "account_id": accounts[i % 3],
+                  "user_id": f"u{i % 5}", "type": "login",
+                  "timestamp": iso(now - timedelta(minutes=i * 37 % 1500))}
+                 for i in range(60)]  # fmt: skip
+        post_all(first, batch)
+        for event in batch:
+            sent[event["account_id"]] += 1
+        for service in (first, second):
+            for pid in service.pids_titled("rollups"):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)  # let the restarted schedulers get partway into a run
+    for account, count in sent.items():
+        wait_for(drained(backends, account, count), what="all events stored")
+    wait_for(lambda: all(len(s.pids_titled("rollups")) == 1 for s in (first, second)),
+             20, what="both schedulers restarted")  # fmt: skip
+    wait_rolled_up(backends, set(accounts))
+    check_all_windows(first, backends, set(accounts))
