@@ -21,6 +21,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from rollups import store as rollup_store
 from rollups.buckets import HOUR, Counts, Document, floor, starts
+from service import store
 from service.config import Settings
 from service.store import events as events_collection
 
@@ -57,9 +58,10 @@ def minute_horizon(settings: Settings, now: datetime) -> datetime:
 
 
 async def affected_minutes(
-    db: AsyncDatabase[Document], since: datetime | None, until: datetime
+    db: AsyncDatabase[Document], since: datetime | None, until: datetime, now: datetime
 ) -> dict[str, set[datetime]]:
     """(account -> minutes) that received events with ingested_at in (since, until]."""
+    source = store.recent(db) if store.recent_covers(since, now) else store.events(db)
     window: dict[str, Any] = {"$lte": until}
     if since is not None:
         window["$gt"] = since
@@ -68,7 +70,7 @@ async def affected_minutes(
         {"$group": {"_id": {"a": "$account_id", "m": "$minute"}}},
     ]
     found: dict[str, set[datetime]] = defaultdict(set)
-    async for row in await events_collection(db).aggregate(pipeline):
+    async for row in await source.aggregate(pipeline):
         found[row["_id"]["a"]].add(row["_id"]["m"])
     return found
 
@@ -97,9 +99,9 @@ async def recompute_minutes(
 ) -> int:
     if not minutes:
         return 0
-    counts = await count_raw(
-        db, {"account_id": account, "minute": {"$in": minutes}}, watermark, "minute"
-    )
+    # a range, not $in: FerretDB v1 evaluates a long $in per document
+    span = {"$gte": min(minutes), "$lte": max(minutes)}
+    counts = await count_raw(db, {"account_id": account, "minute": span}, watermark, "minute")
     computed = [(m, counts.get((account, m), Counts())) for m in sorted(minutes)]
     result = await rollup_store.write_buckets(db, "minute", account, computed, watermark)
     return result.written + result.deleted
@@ -155,7 +157,7 @@ async def run_once(
         return None
     result = RunResult(watermark, previous)
     horizon = raw_horizon(settings, now)
-    for account, minutes in (await affected_minutes(db, previous, watermark)).items():
+    for account, minutes in (await affected_minutes(db, previous, watermark, now)).items():
         fresh = [m for m in minutes if m >= horizon]
         result.skipped_expired += len(minutes) - len(fresh)
         result.minute_buckets += await recompute_minutes(db, account, fresh, watermark)

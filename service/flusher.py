@@ -53,6 +53,7 @@ MAX_BACKOFF = 5.0
 SHUTDOWN_GRACE_BACKOFF = 1.6  # ~3 s of retries after a stop request
 RETENTION_SWEEP_SECONDS = 600.0
 CLAIM_EVERY_SECONDS = 5.0
+RECENT_PRUNE_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -72,6 +73,7 @@ class Flusher:
         self._failures: dict[bytes, int] = {}
         self._ttl_index = False
         self._last_sweep = 0.0
+        self._last_prune = 0.0
         self._last_claim = 0.0
 
     async def run(self) -> None:
@@ -188,7 +190,9 @@ class Flusher:
         for doc in docs:
             doc["ingested_at"] = now
         try:
-            return await store.insert_events(self._events, docs)
+            inserted = await store.insert_events(self._events, docs)
+            await store.insert_events(store.recent(self._events.database), docs)
+            return inserted
         except TRANSIENT_MONGO:
             raise
         except BulkWriteError as exc:
@@ -250,8 +254,18 @@ class Flusher:
             await asyncio.sleep(delay)
             delay = min(MAX_BACKOFF, delay * 2)
 
+    async def _prune_recent_if_due(self) -> None:
+        if time.monotonic() - self._last_prune < RECENT_PRUNE_SECONDS:
+            return
+        self._last_prune = time.monotonic()
+        try:
+            await store.prune_recent(self._events.database, datetime.now(UTC))
+        except PyMongoError as exc:
+            log.warning("pruning events_recent failed: %s", exc)
+
     async def _sweep_if_due(self) -> None:
         """Raw-event retention where the server has no TTL index (FerretDB v1)."""
+        await self._prune_recent_if_due()
         if self._ttl_index or time.monotonic() - self._last_sweep < RETENTION_SWEEP_SECONDS:
             return
         self._last_sweep = time.monotonic()

@@ -21,6 +21,12 @@ from service.config import Settings
 log = logging.getLogger(__name__)
 
 EVENTS = "events"
+# The same raw events, kept only for RECENT_KEEP after ingestion: the live tail
+# of /summary and the rollup job's "what arrived since W" read this small
+# collection instead of scanning all raw events (FerretDB v1 uses no
+# secondary index, so every non-_id query scans its whole collection).
+RECENT = "events_recent"
+RECENT_KEEP = timedelta(minutes=15)
 DUPLICATE_KEY = 11000
 NOT_IMPLEMENTED = 238
 
@@ -51,11 +57,22 @@ def events(db: AsyncDatabase[Document]) -> AsyncCollection[Document]:
     return db[EVENTS]
 
 
+def recent(db: AsyncDatabase[Document]) -> AsyncCollection[Document]:
+    return db[RECENT]
+
+
+def recent_covers(since: datetime | None, now: datetime) -> bool:
+    """Whether ``events_recent`` still holds every event ingested after ``since``."""
+    return since is not None and since > now - RECENT_KEEP + timedelta(minutes=1)
+
+
 async def ensure_event_indexes(db: AsyncDatabase[Document], settings: Settings) -> bool:
     """Create the raw-event indexes; returns whether a TTL index does retention.
 
     The dedupe key is ``_id`` (``account_id|event_id``), unique by definition.
     """
+    await recent(db).create_index([("ingested_at", ASCENDING)])
+    await recent(db).create_index([("account_id", ASCENDING), ("timestamp", ASCENDING)])
     coll = events(db)
     await coll.create_index([("account_id", ASCENDING), ("timestamp", ASCENDING)])
     await coll.create_index([("account_id", ASCENDING), ("minute", ASCENDING)])
@@ -91,6 +108,11 @@ async def insert_events(coll: AsyncCollection[Document], docs: list[Document]) -
         if others or details.get("writeConcernErrors"):
             raise
         return int(details.get("nInserted", 0))
+
+
+async def prune_recent(db: AsyncDatabase[Document], now: datetime) -> int:
+    result = await recent(db).delete_many({"ingested_at": {"$lt": now - RECENT_KEEP}})
+    return result.deleted_count
 
 
 async def delete_expired_events(coll: AsyncCollection[Document], before: datetime) -> int:

@@ -29,11 +29,11 @@ from sanic import HTTPResponse, Request
 
 from rollups import store as rollup_store
 from rollups.buckets import WINDOWS, Counts, Document, Resolution, floor, plan_window, top_users
+from service import store
 from service.config import Settings
 from service.ingest import api_key_of
 from service.metrics import Live
 from service.responses import error_response
-from service.store import events as events_collection
 
 ACCOUNT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$(?!\n)")
 MAX_TOP = 100
@@ -83,15 +83,21 @@ def check_key(request: Request, settings: Settings, account: str) -> HTTPRespons
     return None
 
 
-async def _raw(db: Any, query: dict[str, Any], reads: Reads) -> AsyncIterator[Document]:
+async def _raw(source: Any, query: dict[str, Any], reads: Reads) -> AsyncIterator[Document]:
     projection = {"_id": 0, "type": 1, "user_id": 1, "timestamp": 1, "ingested_at": 1}
-    async for doc in events_collection(db).find(query, projection, batch_size=10_000):
+    async for doc in source.find(query, projection, batch_size=10_000):
         reads.raw_events += 1
         yield doc
 
 
 async def compute(
-    db: Any, account: str, window: str, top: int, now: datetime, watermark: datetime | None
+    db: Any,
+    account: str,
+    window: str,
+    top: int,
+    now: datetime,
+    watermark: datetime | None,
+    edge_in_recent: bool = True,
 ) -> tuple[dict[str, Any], Reads]:
     """The summary; ``watermark`` must have been read before this call reads buckets."""
     reads = Reads()
@@ -110,14 +116,18 @@ async def compute(
                             "timestamp": {"$gte": plan.start, "$lt": bucketed_end}}  # fmt: skip
     if watermark is not None:
         tail["ingested_at"] = {"$gt": watermark}
-    async for doc in _raw(db, tail, reads):
+    # the tail is small: read it from events_recent while that still covers it
+    tail_source = store.recent(db) if store.recent_covers(watermark, now) else store.events(db)
+    async for doc in _raw(tail_source, tail, reads):
         ts = doc["timestamp"]
         res = "hour" if ts < plan.hours[1] else "minute"
         bucket_w = covered.get((res, floor(ts, res)))
         if bucket_w is None or doc["ingested_at"] > bucket_w:
             total.add_event(doc["type"], doc["user_id"])
     edge = {"account_id": account, "timestamp": {"$gte": plan.edge[0], "$lt": plan.edge[1]}}
-    async for doc in _raw(db, edge, reads):
+    # an event in the current minute was ingested at most MAX_FUTURE + 1 min ago
+    edge_source = store.recent(db) if edge_in_recent else store.events(db)
+    async for doc in _raw(edge_source, edge, reads):
         total.add_event(doc["type"], doc["user_id"])
     body = {
         "account_id": account,
@@ -155,7 +165,10 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
         cached = await _cache_get(redis, key)
         if cached is not None:
             return HTTPResponse(cached, content_type="application/json", headers={"X-Cache": "hit"})
-        body, reads = await compute(db, account, window, top, datetime.now(UTC), watermark)
+        edge_in_recent = settings.max_future_seconds + 120 < store.RECENT_KEEP.total_seconds()
+        body, reads = await compute(
+            db, account, window, top, datetime.now(UTC), watermark, edge_in_recent
+        )
     except PyMongoError:
         return error_response(
             503,

@@ -27,6 +27,7 @@ class Traffic:
     service: Service
     account: str
     batch_size: int = 50
+    pause: float = 0.0  # between requests: bounds how much a test must drain
     accepted: list[str] = field(default_factory=list)
     statuses: Counter[int] = field(default_factory=Counter)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -57,6 +58,7 @@ class Traffic:
                 self.statuses[response.status_code] += 1
                 if response.status_code == 202:
                     self.accepted.extend(e["event_id"] for e in batch)
+                    time.sleep(self.pause)
                 else:
                     assert response.status_code == 503, response.text
                     assert response.headers["retry-after"]
@@ -69,7 +71,7 @@ class Traffic:
 def assert_stored_exactly(backends: Backends, account: str, accepted: list[str]) -> None:
     expected = set(accepted)
     assert len(expected) == len(accepted), "the generator never repeats ids"
-    wait_for(lambda: backends.count(account) == len(expected), 120, 0.5,
+    wait_for(lambda: backends.count(account) == len(expected), 300, 0.5,
              what=f"{len(expected)} events stored")  # fmt: skip
     stored = [d["event_id"] for d in backends.events.find({"account_id": account}, {"event_id": 1})]
     assert len(stored) == len(set(stored))
@@ -103,7 +105,7 @@ def test_mongodb_down_for_20s_ingest_keeps_accepting_and_nothing_is_lost(
     service, backends = start_own_service()
     assert own_stack.mongo is not None
     account = unique("mongo_outage")
-    with Traffic(service, account, batch_size=20) as traffic:
+    with Traffic(service, account, batch_size=20, pause=0.02) as traffic:
         traffic.wait_accepted(200)
         own_stack.mongo.stop()
         down_from = len(traffic.accepted)

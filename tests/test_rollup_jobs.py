@@ -82,8 +82,10 @@ def contents(sdb: pymongo.database.Database[Doc]) -> dict[str, dict[str, tuple[A
 
 
 async def seed(db: Any, docs: list[Doc]) -> None:
+    """Store raw events the way the flusher does: into events and events_recent."""
     for i in range(0, len(docs), 5000):
         await store.insert_events(store.events(db), docs[i : i + 5000])
+        await store.insert_events(store.recent(db), docs[i : i + 5000])
 
 
 def spread_events(account: str, now: datetime, count: int, ingested_at: datetime) -> list[Doc]:
@@ -215,7 +217,8 @@ async def test_summary_cost_is_flat_in_the_number_of_events(
     await jobs.run_once(adb, settings, now=now + timedelta(seconds=30))
     buckets_big, raw_big, total_big = reads()
     assert total_big > total_small * 5  # ten times the events...
-    assert buckets_big <= 1440 and buckets_big == buckets_small  # ...the same bucket reads
+    # ...the same bucket reads (give or take the minute the clock may cross meanwhile)
+    assert buckets_big <= 1440 and abs(buckets_big - buckets_small) <= 1
     assert raw_big <= 10 and raw_small <= 10  # only the live edge is read raw
 
 
