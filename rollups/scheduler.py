@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import time
 import uuid
@@ -27,7 +26,7 @@ from rollups import store as rollup_store
 from rollups.buckets import Document
 from service import metrics, queue, store
 from service.config import Settings
-from service.processes import run_process
+from service.processes import run_process, stop_on_signals
 
 log = logging.getLogger("rollups.scheduler")
 
@@ -100,16 +99,13 @@ class RollupRunner:
 
 
 async def serve(settings: Settings) -> None:
-    stop = asyncio.Event()
+    stop = stop_on_signals()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     redis = queue.connect(settings.redis_url)
     mongo = store.connect(settings, settings.rollup_timeout_seconds)
     db = store.database(mongo, settings)
-    lease = Lease(
-        redis, lease_key(settings), ttl_seconds=max(30.0, 6 * settings.rollup_interval_seconds)
-    )
+    # long enough to cover a normal run; an overrun only means a harmless overlap
+    lease = Lease(redis, lease_key(settings), max(10.0, 5 * settings.rollup_interval_seconds))
     runner = RollupRunner(db, lease, settings)
     scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -34,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service import metrics, queue, store
 from service.config import Settings
 from service.events import decode_events, to_document
-from service.processes import run_process
+from service.processes import run_process, stop_on_signals
 from service.queue import Consumer, Entry
 from service.store import Document
 
@@ -297,10 +296,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 async def serve(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     redis = queue.connect(settings.redis_url)
     mongo = store.connect(settings)
     try:

@@ -8,7 +8,9 @@ any process found dead, logs it and counts it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Coroutine
@@ -37,6 +39,15 @@ def configure_logging() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (Sanic's manager stops processes with SIGINT)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def run_process(role: str, main: Coroutine[Any, Any, None]) -> None:
