@@ -65,13 +65,12 @@ async def affected_minutes(
     window: dict[str, Any] = {"$lte": until}
     if since is not None:
         window["$gt"] = since
-    pipeline: list[dict[str, Any]] = [
-        {"$match": {"ingested_at": window}},
-        {"$group": {"_id": {"a": "$account_id", "m": "$minute"}}},
-    ]
+    # rows + a set in Python: FerretDB v1 runs $group at ~1 ms per document,
+    # a plain find at ~35 µs (scripts/bench_rollups.py)
     found: dict[str, set[datetime]] = defaultdict(set)
-    async for row in await source.aggregate(pipeline):
-        found[row["_id"]["a"]].add(row["_id"]["m"])
+    projection = {"_id": 0, "account_id": 1, "minute": 1}
+    async for doc in source.find({"ingested_at": window}, projection, batch_size=10_000):
+        found[doc["account_id"]].add(doc["minute"])
     return found
 
 

@@ -67,13 +67,17 @@ def pct(samples: list[float], q: float) -> float:
 
 
 async def naive_summary(db: Any, start: datetime, end: datetime) -> dict[str, Any]:
-    match = {"$match": {"account_id": ACCOUNT, "timestamp": {"$gte": start, "$lt": end}}}
-    group = {"$group": {"_id": {"t": "$type", "u": "$user_id"}, "n": {"$sum": 1}}}
+    """The fastest O(events) answer available: every raw event of the window, counted.
+
+    (A $match/$group pipeline gives the same figures but runs ~30x slower on
+    FerretDB v1; see the last table.)
+    """
+    query = {"account_id": ACCOUNT, "timestamp": {"$gte": start, "$lt": end}}
     types: Counter[str] = Counter()
     users: Counter[str] = Counter()
-    async for row in await store.events(db).aggregate([match, group]):
-        types[row["_id"]["t"]] += row["n"]
-        users[row["_id"]["u"]] += row["n"]
+    async for row in store.events(db).find(query, {"type": 1, "user_id": 1}, batch_size=10_000):
+        types[row["type"]] += 1
+        users[row["user_id"]] += 1
     return {"total": sum(types.values()), "unique_users": len(users)}
 
 
@@ -121,8 +125,8 @@ async def run(settings: Settings, count: int, repeat: int) -> None:
     )
     hour = floor(now - timedelta(hours=5), "hour")
     window = {"account_id": ACCOUNT, "timestamp": {"$gte": hour, "$lt": hour + HOUR}}
-    python_s = await timed(lambda: jobs.count_raw(db, window, now, "hour"), 3)
-    group_s = await timed(lambda: group_counts(db, hour), 3)
+    python_s = await timed(lambda: jobs.count_raw(db, window, now, "hour"), 1)
+    group_s = await timed(lambda: group_counts(db, hour), 1)
     await client.drop_database(settings.mongo_db)
     await client.close()
 
