@@ -6,12 +6,14 @@ something for real (SIGKILL, stopping a server), and then checks MongoDB.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -152,3 +154,30 @@ def test_sigterm_drains_what_was_read_and_acks(start_service: ServiceFactory) ->
     assert service.log_path is not None
     service.start(service.log_path.parent)
     assert_stored_exactly(backends, account, traffic.accepted)
+
+
+def test_entries_that_can_never_be_stored_go_to_the_dead_letter_stream(
+    start_service: ServiceFactory,
+) -> None:
+    """Never silently dropped: an undecodable entry and one MongoDB refuses (written
+    straight to the stream, past the API's validation) end up dead-lettered with
+    their reason, and the good batches around them are stored."""
+    service, backends = start_service(dead_letter_after=2, claim_idle_ms=500)
+    account = unique("dlq")
+    assert service.post([make_event(account, 1)]).status_code == 202
+    unstorable = [make_event(account, 2, metadata={"m": [[1, 2]]})]  # FerretDB refuses it
+    for body in (b"not json at all", json.dumps(unstorable).encode()):
+        backends.redis.xadd(backends.stream, {"n": 1, "b": body})
+        backends.redis.incrby(f"{backends.stream}:depth", 1)
+    assert service.post([make_event(account, 3)]).status_code == 202
+    dead_key = f"{backends.stream}:dead"
+    wait_for(lambda: backends.redis.xlen(dead_key) == 2, 60, what="two dead-lettered entries")
+    entries: Any = backends.redis.xrange(dead_key)
+    reasons = sorted(fields[b"reason"].decode() for _, fields in entries)
+    assert reasons[0].startswith("MongoDB refused the write")
+    assert reasons[1].startswith("undecodable entry")
+    assert {fields[b"b"] for _, fields in entries} == {
+        b"not json at all", json.dumps(unstorable).encode(),
+    }  # fmt: skip
+    wait_for(lambda: backends.queue_depth() == 0, 30, what="the queue to drain")
+    assert sorted(d["event_id"] for d in backends.stored(account)) == ["e1", "e3"]
