@@ -31,6 +31,7 @@ from service.processes import run_process, stop_on_signals
 log = logging.getLogger("rollups.scheduler")
 
 RETENTION_EVERY_SECONDS = 600.0
+SHUTDOWN_GRACE_SECONDS = 10.0
 
 # KEYS: lease; ARGV: token, ttl ms. Take it if free, extend it if ours.
 _ACQUIRE = """
@@ -73,8 +74,13 @@ class RollupRunner:
         self._lease = lease
         self._settings = settings
         self._last_retention = 0.0
+        self.running = asyncio.Lock()  # held during a run, so shutdown can wait for it
 
     async def tick(self) -> None:
+        async with self.running:
+            await self._tick()
+
+    async def _tick(self) -> None:
         try:
             if not await self._lease.hold():
                 return
@@ -131,6 +137,10 @@ async def serve(settings: Settings) -> None:
     finally:
         if scheduler.running:
             scheduler.shutdown(wait=False)
+        try:  # let a run in progress finish before its connections close
+            await asyncio.wait_for(runner.running.acquire(), SHUTDOWN_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("a rollup run was still going at shutdown; the next start redoes it")
         with contextlib.suppress(RedisError):
             await lease.release()
         await redis.aclose()
