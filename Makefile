@@ -36,5 +36,11 @@ format: $(STAMP)
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# micro-benchmarks so far (issue 4 grows this into the full same-run harness)
+bench: setup
+	$(PY) -m scripts.bench_queue
+	$(PY) -m scripts.bench_json
+	$(PY) -m scripts.bench_rollups --events $${BENCH_EVENTS:-100000}
+
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis
