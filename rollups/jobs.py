@@ -20,7 +20,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 
 from rollups import store as rollup_store
-from rollups.buckets import HOUR, Counts, Document, floor, starts
+from rollups.buckets import HOUR, Counts, Document, floor
 from service import store
 from service.config import Settings
 from service.store import events as events_collection
@@ -180,7 +180,3 @@ async def expire_buckets(db: AsyncDatabase[Document], settings: Settings, now: d
     await rollup_store.delete_older_than(
         db, "hour", now - timedelta(days=settings.hour_retention_days)
     )
-
-
-def hours_in(start: datetime, end: datetime) -> list[datetime]:
-    return list(starts(floor(start, "hour"), end, "hour"))

@@ -69,9 +69,6 @@ class Producer:
         result = await self._script(keys=keys, args=[count, body, s.queue_max_events, limit])
         return int(result)
 
-    async def depth(self) -> int:
-        return int(await self._client.get(self._settings.queue_depth_key) or 0)
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -123,11 +120,8 @@ class Consumer:
         """Ack, drop the entries and shrink the depth counter, atomically."""
         if not entries:
             return
-        ids = [e.entry_id for e in entries]
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.xack(self._stream, GROUP, *ids)
-            pipe.xdel(self._stream, *ids)
-            pipe.decrby(self._settings.queue_depth_key, sum(e.count for e in entries))
+            self._retire(pipe, entries)
             await pipe.execute()
 
     async def dead_letter(self, entry: Entry, reason: str) -> None:
@@ -137,10 +131,15 @@ class Consumer:
                 self._settings.dead_letter_key,
                 {"n": entry.count, "b": entry.body, "reason": reason, "source_id": entry.entry_id},
             )
-            pipe.xack(self._stream, GROUP, entry.entry_id)
-            pipe.xdel(self._stream, entry.entry_id)
-            pipe.decrby(self._settings.queue_depth_key, entry.count)
+            self._retire(pipe, [entry])
             await pipe.execute()
+
+    def _retire(self, pipe: Any, entries: list[Entry]) -> None:
+        """Queue the ack, the delete and the depth decrement into a transaction."""
+        ids = [e.entry_id for e in entries]
+        pipe.xack(self._stream, GROUP, *ids)
+        pipe.xdel(self._stream, *ids)
+        pipe.decrby(self._settings.queue_depth_key, sum(e.count for e in entries))
 
 
 def _entries(reply: Any) -> list[Entry]:
