@@ -187,8 +187,12 @@ def service_env(redis_url: str, mongo_url: str, var_dir: Path, **overrides: Any)
         "FLUSH_INTERVAL_MS": "100",
         "CLAIM_IDLE_MS": "2000",
         "WATCHDOG_INTERVAL_SECONDS": "0.5",
-        "PROMETHEUS_MULTIPROC_DIR": "",
     }
+    # its own metrics directory, set before Sanic's main process imports
+    # prometheus-client (an empty value would make it write into the cwd)
+    metrics_dir = var_dir / "metrics" / env["STREAM_KEY"]
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     return env
 
