@@ -9,7 +9,7 @@ PORT ?= 8000
 WORKERS ?= 2
 HOST ?= 127.0.0.1
 
-.PHONY: run test lint format setup servers bench clean
+.PHONY: run test lint format setup servers bench clean k6-smoke k6-load k6-spike k6-soak
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ format: $(STAMP)
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory k6-smoke
+
+# k6 scenarios: fresh stack + service, run, verify every 202 is stored exactly
+# once and summaries match the raw events, report, stop (K6_ARGS="-e BASE_RATE=30")
+k6-smoke k6-load k6-spike k6-soak: k6-%: setup
+	$(PY) -m scripts.k6_run $* --workers $(WORKERS) $(K6_ARGS)
 
 # micro-benchmarks so far (issue 4 grows this into the full same-run harness)
 bench: setup

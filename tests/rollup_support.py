@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 import pymongo
 
-from rollups.buckets import top_users
+from scripts.k6_verify import figures_from, parse_iso
+from scripts.k6_verify import summary_figures as figures
 from service.events import Event, to_document
 
-
-def parse_iso(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+__all__ = ["figures", "ground_truth", "parse_iso", "raw_document"]
 
 
 def ground_truth(
@@ -24,22 +22,9 @@ def ground_truth(
     top: int,
 ) -> dict[str, Any]:
     """The figures /summary must report, counted from every stored raw event."""
-    types: Counter[str] = Counter()
-    users: Counter[str] = Counter()
     query = {"account_id": account, "timestamp": {"$gte": start, "$lt": end}}
-    for doc in events.find(query, {"type": 1, "user_id": 1}):
-        types[doc["type"]] += 1
-        users[doc["user_id"]] += 1
-    return {
-        "total": sum(types.values()),
-        "totals": dict(sorted(types.items())),
-        "unique_users": len(users),
-        "top_users": top_users(users, top),
-    }
-
-
-def figures(summary: dict[str, Any]) -> dict[str, Any]:
-    return {k: summary[k] for k in ("total", "totals", "unique_users", "top_users")}
+    docs = events.find(query, {"type": 1, "user_id": 1, "timestamp": 1})
+    return figures_from(docs, start, end, top)
 
 
 def raw_document(
