@@ -6,7 +6,7 @@ import { check } from "k6";
 import http from "k6/http";
 import { postBatch } from "./lib/events.js";
 
-const base = parseInt(__ENV.BASE_RATE || "20", 10);
+const base = parseInt(__ENV.BASE_RATE || "5", 10);
 const peak = base * parseInt(__ENV.SPIKE_FACTOR || "10", 10);
 const batch = parseInt(__ENV.BATCH || "100", 10);
 

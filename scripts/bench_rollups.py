@@ -90,7 +90,8 @@ async def group_counts(db: Any, hour: datetime) -> Counts:
     return counts
 
 
-async def run(settings: Settings, count: int, repeat: int) -> None:
+async def measure(settings: Settings, count: int, repeat: int) -> dict[str, float]:
+    """Fill, roll up, time both summaries; figures in seconds (and counts)."""
     client = store.connect(settings, 600)
     db = store.database(client, settings)
     await client.drop_database(settings.mongo_db)
@@ -134,25 +135,41 @@ async def run(settings: Settings, count: int, repeat: int) -> None:
     group_s = await timed(lambda: group_counts(db, hour), 1)
     await client.drop_database(settings.mongo_db)
     await client.close()
+    return {
+        "events": count,
+        "fill_s": fill,
+        "first_rollup_s": rollup,
+        "catch_up_s": catch_up,
+        "minute_buckets": result.minute_buckets,
+        "hour_buckets": result.hour_buckets,
+        "ours_p50_s": pct(ours_s, 0.5),
+        "ours_p99_s": pct(ours_s, 0.99),
+        "ours_runs": len(ours_s),
+        "naive_p50_s": pct(naive_s, 0.5),
+        "naive_p99_s": pct(naive_s, 0.99),
+        "naive_runs": len(naive_s),
+        "count_python_s": statistics.median(python_s),
+        "count_group_s": statistics.median(group_s),
+    }
 
-    print(f"\n{count:,} raw events over 24h; fill {fill:.1f}s; first rollup run {rollup:.1f}s "
-          f"({result.minute_buckets} minute + {result.hour_buckets} hour buckets); "
-          f"catch-up run {catch_up:.1f}s\n")  # fmt: skip
+
+async def run(settings: Settings, count: int, repeat: int) -> None:
+    f = await measure(settings, count, repeat)
+    print(f"\n{count:,} raw events over 24h; fill {f['fill_s']:.1f}s; first rollup run "
+          f"{f['first_rollup_s']:.1f}s ({f['minute_buckets']:.0f} minute + "
+          f"{f['hour_buckets']:.0f} hour buckets); "
+          f"catch-up run {f['catch_up_s']:.1f}s\n")  # fmt: skip
     print("| /summary 24h, uncached | p50 ms | p99 ms | runs |")
     print("|---|---:|---:|---:|")
-    print(
-        f"| rollups (<= 1440 buckets + tail) | {pct(ours_s, 0.5) * 1e3:.1f} "
-        f"| {pct(ours_s, 0.99) * 1e3:.1f} | {len(ours_s)} |"
-    )
-    print(
-        f"| naive: every raw event of the window | {pct(naive_s, 0.5) * 1e3:.1f} "
-        f"| {pct(naive_s, 0.99) * 1e3:.1f} | {len(naive_s)} |"
-    )
-    print(f"| ratio naive / rollups (p50) | {pct(naive_s, 0.5) / pct(ours_s, 0.5):.1f}x | | |\n")
+    print(f"| rollups (<= 1440 buckets + tail) | {f['ours_p50_s'] * 1e3:.1f} "
+          f"| {f['ours_p99_s'] * 1e3:.1f} | {f['ours_runs']:.0f} |")  # fmt: skip
+    print(f"| naive: every raw event of the window | {f['naive_p50_s'] * 1e3:.1f} "
+          f"| {f['naive_p99_s'] * 1e3:.1f} | {f['naive_runs']:.0f} |")  # fmt: skip
+    print(f"| ratio naive / rollups (p50) | {f['naive_p50_s'] / f['ours_p50_s']:.1f}x | | |\n")
     print("| counting one hour of raw events | median ms |")
     print("|---|---:|")
-    print(f"| read rows, count in Python | {statistics.median(python_s) * 1e3:.1f} |")
-    print(f"| $group on (type, user) | {statistics.median(group_s) * 1e3:.1f} |")  # fmt: skip
+    print(f"| read rows, count in Python | {f['count_python_s'] * 1e3:.1f} |")
+    print(f"| $group on (type, user) | {f['count_group_s'] * 1e3:.1f} |")
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ SCENARIOS = ("smoke", "load", "spike", "soak")
 # settings a scenario needs unless the environment says otherwise: the spike
 # runs with a queue bound small enough that shedding (503) shows up
 SERVICE_DEFAULTS: dict[str, dict[str, str]] = {
-    "spike": {"QUEUE_MAX_EVENTS": "200000"},
+    "spike": {"QUEUE_MAX_EVENTS": "50000"},
 }
 DRAIN_TIMEOUT = 900.0
 

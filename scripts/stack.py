@@ -49,27 +49,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_redis_server() -> str:
-    found = shutil.which("redis-server")
+def ensure_debian_package(binary: str, package: str, alternative: str) -> str:
+    """The path of ``binary``, installing Debian's ``package`` with apt-get when missing."""
+    found = shutil.which(binary)
     if found:
         return found
     if os.geteuid() != 0:
         raise StackError(
-            "redis-server is missing: install Debian's package with "
-            "`sudo apt-get install redis-server`, or set REDIS_URL"
+            f"{binary} is missing: install Debian's package with "
+            f"`sudo apt-get install {package}`{alternative}"
         )
-    log("installing Debian's redis-server with apt-get")
+    log(f"installing Debian's {package} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "redis-server"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
         check=True,
         env=env,
     )
-    found = shutil.which("redis-server")
+    found = shutil.which(binary)
     if not found:
-        raise StackError("apt-get installed redis-server but it is not on PATH")
+        raise StackError(f"apt-get installed {package} but {binary} is not on PATH")
     return found
+
+
+def ensure_redis_server() -> str:
+    return ensure_debian_package("redis-server", "redis-server", ", or set REDIS_URL")
+
+
+def ensure_wrk() -> str:
+    """The HTTP load generator for ``make bench`` (light on CPU, unlike k6)."""
+    return ensure_debian_package("wrk", "wrk", "")
 
 
 def ensure_ferretdb() -> Path:

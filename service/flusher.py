@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import msgspec
+import pymongo
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     AutoReconnect,
@@ -53,6 +54,7 @@ SHUTDOWN_GRACE_BACKOFF = 1.6  # ~3 s of retries after a stop request
 RETENTION_SWEEP_SECONDS = 600.0
 CLAIM_EVERY_SECONDS = 5.0
 RECENT_PRUNE_SECONDS = 30.0
+HOUSEKEEPING_TIMEOUT_SECONDS = 300.0
 
 T = TypeVar("T")
 
@@ -71,8 +73,6 @@ class Flusher:
         self._stop = stop
         self._failures: dict[bytes, int] = {}
         self._ttl_index = False
-        self._last_sweep = 0.0
-        self._last_prune = 0.0
         self._last_claim = 0.0
 
     async def run(self) -> None:
@@ -83,13 +83,17 @@ class Flusher:
 
     async def _run(self) -> None:
         await self._retry("start-up", self._prepare)
-        await self._drain(self._consumer.read_own_pending)
-        while not self._stop.is_set():
-            await self._claim_if_due()
-            entries = await self._retry("read", self._collect)
-            if entries:
-                await self.flush(entries)
-            await self._sweep_if_due()
+        # deletes can take seconds on a big collection; they must not stall flushing
+        housekeeping = asyncio.create_task(self._housekeep())
+        try:
+            await self._drain(self._consumer.read_own_pending)
+            while not self._stop.is_set():
+                await self._claim_if_due()
+                entries = await self._retry("read", self._collect)
+                if entries:
+                    await self.flush(entries)
+        finally:
+            housekeeping.cancel()
         log.info("flusher stopped cleanly")
 
     async def _prepare(self) -> None:
@@ -253,29 +257,35 @@ class Flusher:
             await asyncio.sleep(delay)
             delay = min(MAX_BACKOFF, delay * 2)
 
-    async def _prune_recent_if_due(self) -> None:
-        if time.monotonic() - self._last_prune < RECENT_PRUNE_SECONDS:
-            return
-        self._last_prune = time.monotonic()
-        try:
-            await store.prune_recent(self._events.database, datetime.now(UTC))
-        except PyMongoError as exc:
-            log.warning("pruning events_recent failed: %s", exc)
+    async def _housekeep(self) -> None:
+        """Prune ``events_recent``; expire raw events where there is no TTL index."""
+        last_sweep = -RETENTION_SWEEP_SECONDS  # the first round sweeps
+        while True:
+            await asyncio.sleep(RECENT_PRUNE_SECONDS)
+            now = datetime.now(UTC)
+            await self._delete(
+                "pruning events_recent", store.prune_recent, self._events.database, now
+            )
+            if self._ttl_index or time.monotonic() - last_sweep < RETENTION_SWEEP_SECONDS:
+                continue
+            last_sweep = time.monotonic()
+            cutoff = now - timedelta(days=self._settings.raw_retention_days)
+            deleted = await self._delete(
+                "retention sweep", store.delete_expired_events, self._events, cutoff
+            )
+            if deleted:
+                log.info("retention: deleted %d raw events older than %s", deleted, cutoff)
 
-    async def _sweep_if_due(self) -> None:
-        """Raw-event retention where the server has no TTL index (FerretDB v1)."""
-        await self._prune_recent_if_due()
-        if self._ttl_index or time.monotonic() - self._last_sweep < RETENTION_SWEEP_SECONDS:
-            return
-        self._last_sweep = time.monotonic()
-        cutoff = datetime.now(UTC) - timedelta(days=self._settings.raw_retention_days)
+    async def _delete(
+        self, what: str, delete: Callable[[T, datetime], Awaitable[int]], target: T, when: datetime
+    ) -> int:
         try:
-            deleted = await store.delete_expired_events(self._events, cutoff)
+            # a longer deadline than the write path's: a scan of a big collection is slow
+            with pymongo.timeout(HOUSEKEEPING_TIMEOUT_SECONDS):
+                return await delete(target, when)
         except PyMongoError as exc:
-            log.warning("retention sweep failed: %s", exc)
-            return
-        if deleted:
-            log.info("retention: deleted %d raw events older than %s", deleted, cutoff)
+            log.warning("%s failed: %s", what, exc)
+            return 0
 
 
 class _StoppedWhileRetrying(Exception):
