@@ -42,11 +42,9 @@ test: setup lint
 k6-smoke k6-load k6-spike k6-soak: k6-%: setup
 	$(PY) -m scripts.k6_run $* --workers $(WORKERS) $(K6_ARGS)
 
-# micro-benchmarks so far (issue 4 grows this into the full same-run harness)
+# same-run ceilings and figures -> docs/PERFORMANCE.md + docs/ingest-throughput.png
 bench: setup
-	$(PY) -m scripts.bench_queue
-	$(PY) -m scripts.bench_json
-	$(PY) -m scripts.bench_rollups --events $${BENCH_EVENTS:-100000}
+	$(PY) -m scripts.bench --workers $(WORKERS) $(BENCH_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -6,12 +6,13 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.config import SettingsError, load_settings
-from service.events import InvalidJSON, Limits, now_utc, validate_batch
+from service.events import EventSchema, InvalidJSON, Limits, now_utc, validate_batch
 
 LIMITS = Limits(1000, timedelta(minutes=5), timedelta(days=7), 8192, 8)
 
@@ -69,3 +70,38 @@ def test_validator_accepts_or_explains_any_body(body: bytes) -> None:
     assert events or problems  # never a silent nothing
     for problem in problems:
         assert problem.message
+
+
+field_text = st.text(
+    st.characters(codec="utf-8") | st.sampled_from("aZ09_.:-|$ \n\x00\x7f\x85\x9f\u00a0é"),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    event_id=field_text,
+    account_id=field_text,
+    user_id=field_text,
+    type_=field_text,
+    n=st.integers(1, 3),
+)
+def test_batch_charset_check_agrees_with_the_documented_patterns(
+    event_id: str, account_id: str, user_id: str, type_: str, n: int
+) -> None:
+    """The hot path checks charsets once per batch; the per-field patterns are the spec."""
+    event = {"event_id": event_id, "account_id": account_id, "user_id": user_id, "type": type_,
+             "timestamp": now_utc().isoformat()}  # fmt: skip
+    good = {"event_id": "e1", "account_id": "a", "user_id": "u", "type": "login",
+            "timestamp": now_utc().isoformat()}  # fmt: skip
+    body = json.dumps([good] * (n - 1) + [event]).encode()
+    try:
+        msgspec.json.decode(json.dumps(event).encode(), type=EventSchema)
+        strict_ok = True
+    except msgspec.ValidationError:
+        strict_ok = False
+    events, problems = validate_batch(body, LIMITS, now_utc())
+    assert bool(events) and not problems if strict_ok else (not events and problems)
+    if not strict_ok:
+        assert {p.index for p in problems} == {n - 1}
