@@ -83,6 +83,7 @@ class Rate:
     requests_per_s: float
     events_per_s: float
     cpu_per_million: float = 0.0  # service CPU-seconds per 1M events
+    redis_cpu_per_million: float = 0.0  # the same for redis-server (when started here)
     p50_ms: float = 0.0
     p99_ms: float = 0.0
 
@@ -104,6 +105,7 @@ def median_rate(samples: list[Rate]) -> Rate:
         med(lambda r: r.requests_per_s),
         med(lambda r: r.events_per_s),
         med(lambda r: r.cpu_per_million),
+        med(lambda r: r.redis_cpu_per_million),
         med(lambda r: r.p50_ms),
         med(lambda r: r.p99_ms),
     )
@@ -115,7 +117,7 @@ def median_rate(samples: list[Rate]) -> Rate:
 def wrk_once(url: str, body_file: Path, seconds: float) -> tuple[int, float, float, float]:
     """(requests, seconds, p50 ms, p99 ms) of one wrk run; fails on any non-202."""
     out = subprocess.run(
-        [ensure_wrk(), "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s",
+        [ensure_wrk(), "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
          "-s", str(ROOT / "scripts" / "post.lua"), f"{url}/events"],
         env={**os.environ, "BODY_FILE": str(body_file)}, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
@@ -131,26 +133,29 @@ def wrk_once(url: str, body_file: Path, seconds: float) -> tuple[int, float, flo
 
 
 def measure_http(
-    service: Service, body_file: Path, size: int, seconds: float, after: Callable[[], None]
-) -> Rate:
+    service: Service, body_file: Path, size: int, seconds: float, after: Callable[[], None],
+    redis_pids: list[int],
+) -> Rate:  # fmt: skip
     wrk_once(service.url, body_file, 1)  # warm-up
     after()
     pids = service.pids()
-    cpu_before = cpu_seconds(pids)
+    cpu_before, redis_before = cpu_seconds(pids), cpu_seconds(redis_pids)
     requests, elapsed, p50, p99 = wrk_once(service.url, body_file, seconds)
     cpu = cpu_seconds(pids) - cpu_before
+    redis_cpu = cpu_seconds(redis_pids) - redis_before
     after()
-    events = requests * size
-    return Rate(requests / elapsed, events / elapsed, cpu / events * 1e6, p50, p99)
+    per_million = 1e6 / (requests * size)
+    return Rate(requests / elapsed, requests * size / elapsed, cpu * per_million,
+                redis_cpu * per_million, p50, p99)  # fmt: skip
 
 
 def bench_http(
     name: str, service: Service, bodies: dict[int, Path], args: argparse.Namespace,
-    after: Callable[[], None],
+    after: Callable[[], None], redis_pids: list[int],
 ) -> dict[int, Rate]:  # fmt: skip
     rates = {}
     for size, body_file in bodies.items():
-        samples = [measure_http(service, body_file, size, args.seconds, after)
+        samples = [measure_http(service, body_file, size, args.seconds, after, redis_pids)
                    for _ in range(args.repeat)]  # fmt: skip
         rates[size] = median_rate(samples)
         r = rates[size]
@@ -200,16 +205,21 @@ def bench_ingest(stack: Stack, work: Path, args: argparse.Namespace, results: Re
     def clear_queue() -> None:
         client.delete(env["STREAM_KEY"], f"{env['STREAM_KEY']}:depth")
 
+    redis_pids = [stack.redis.proc.pid] if stack.redis and stack.redis.proc else []
     bare = Service(env, workers=args.workers, app="scripts.bench_apps:create_bare_app")
     bare.start(work, ready_path="/health")
     try:
-        results.ingest["bare Sanic"] = bench_http("bare", bare, bodies, args, clear_queue)
+        results.ingest["bare Sanic"] = bench_http(
+            "bare", bare, bodies, args, clear_queue, redis_pids
+        )
     finally:
         bare.stop()
     ours = Service(env, workers=args.workers)
     ours.start(work)
     try:
-        results.ingest["service"] = bench_http("service", ours, bodies, args, clear_queue)
+        results.ingest["service"] = bench_http(
+            "service", ours, bodies, args, clear_queue, redis_pids
+        )
     finally:
         ours.stop()
     results.ingest["raw XADD"] = bench_xadd(client, raw, args)
@@ -349,7 +359,7 @@ def ingest_table(results: Results, workers: int) -> list[str]:
     bare, ours, xadd = (results.ingest[k] for k in ("bare Sanic", "service", "raw XADD"))
     lines = [
         "| batch | bare Sanic req/s | service req/s | service / bare | service events/s "
-        "| raw XADD events/s | service / XADD | service CPU-s per 1M events "
+        "| raw XADD events/s | service / XADD | CPU-s per 1M events: service + Redis "
         "| service p50 / p99 ms |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -359,7 +369,8 @@ def ingest_table(results: Results, workers: int) -> list[str]:
             f"| {size} | {b.requests_per_s:,.0f} | {o.requests_per_s:,.0f} "
             f"| {pct(o.requests_per_s, b.requests_per_s)} | {o.events_per_s:,.0f} "
             f"| {x.events_per_s:,.0f} | {pct(o.events_per_s, x.events_per_s)} "
-            f"| {o.cpu_per_million:.1f} | {o.p50_ms:.1f} / {o.p99_ms:.1f} |"
+            f"| {o.cpu_per_million:.1f} + {o.redis_cpu_per_million:.1f} "
+            f"| {o.p50_ms:.1f} / {o.p99_ms:.1f} |"
         )
     return lines
 
@@ -387,7 +398,8 @@ def write_report(results: Results, args: argparse.Namespace, plot: Path) -> Path
         "ran with the flusher and rollups off, so only the HTTP path is measured; "
         "the bare Sanic app answers 202 without reading the body; raw XADD is a "
         f"Python loop of pipelined `XADD`s ({XADD_PIPELINE} per round trip) of the same "
-        "bodies into the same Redis. CPU-seconds count the service's processes only.",
+        "bodies into the same Redis. CPU-seconds are those of the service's processes "
+        "and of redis-server during the measured seconds.",
         "",
         *ingest_table(results, args.workers),
         "",
@@ -462,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary-events", type=int, default=20_000)
     parser.add_argument("--summary-repeat", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="1 repeat of 2 s, small sizes")
+    parser.add_argument(
+        "--only", choices=("ingest", "flush", "summary"), help="measure one part; no report"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.seconds, args.flush_events, args.summary_events = 1, 2.0, 5_000, 2_000
@@ -470,9 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, running_stack(
         Path(tmp) / "var", os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")
     ) as stack:  # fmt: skip
-        bench_ingest(stack, Path(tmp), args, results)
-        bench_flusher(stack, args, results)
-        bench_summary(stack, args, results)
+        if args.only in (None, "ingest"):
+            bench_ingest(stack, Path(tmp), args, results)
+        if args.only in (None, "flush"):
+            bench_flusher(stack, args, results)
+        if args.only in (None, "summary"):
+            bench_summary(stack, args, results)
+    if args.only:
+        print(results)
+        return 0
     plot = DOCS / "ingest-throughput.png"
     write_plot(results, plot)
     report = write_report(results, args, plot)

@@ -13,12 +13,14 @@ step, and the flusher decrements it in the same transaction as its XACK.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from service.config import Settings
 
@@ -54,20 +56,74 @@ def connect(url: str) -> aioredis.Redis:
 
 
 class Producer:
-    """What an HTTP worker needs: enqueue a validated batch, or refuse it."""
+    """What an HTTP worker needs: enqueue a validated batch, or refuse it.
+
+    Enqueues issued by concurrent requests in the same event-loop tick go to
+    Redis as one pipeline (one write, one read, one fsync of the AOF for all
+    of them): per-command client overhead was the largest cost of a small
+    ingest request (py-spy; docs/PERFORMANCE.md). Each caller still gets its
+    own reply, so a 202 still means Redis has acknowledged that batch.
+    """
 
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self._client = client
         self._settings = settings
-        self._script = client.register_script(_ENQUEUE)
+        self._sha = hashlib.sha1(_ENQUEUE.encode()).hexdigest()
+        self._waiting: list[tuple[list[Any], asyncio.Future[int]]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     async def enqueue(self, body: bytes, count: int, client_id: str) -> int:
         s = self._settings
         limit = s.rate_limit_events_per_second
         rate_key = f"{s.stream_key}:rate:{client_id}:{int(time.time())}" if limit else ""
-        keys = [s.stream_key, s.queue_depth_key, rate_key]
-        result = await self._script(keys=keys, args=[count, body, s.queue_max_events, limit])
-        return int(result)
+        args = [
+            3,
+            s.stream_key,
+            s.queue_depth_key,
+            rate_key,
+            count,
+            body,
+            s.queue_max_events,
+            limit,
+        ]
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[int] = loop.create_future()
+        self._waiting.append((args, reply))
+        if len(self._waiting) == 1:
+            loop.call_soon(self._send_waiting)
+        return await reply
+
+    def _send_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[int]]]) -> None:
+        try:
+            results = await self._run_pipeline([args for args, _ in batch])
+            if any(isinstance(r, NoScriptError) for r in results):
+                # a restarted Redis forgot the script; nothing ran, so run it again
+                await self._client.script_load(_ENQUEUE)
+                results = await self._run_pipeline([args for args, _ in batch])
+        except Exception as exc:  # the connection failed: every caller hears it
+            for _, reply in batch:
+                if not reply.done():
+                    reply.set_exception(exc)
+            return
+        for (_, reply), result in zip(batch, results, strict=True):
+            if reply.done():  # the request went away meanwhile
+                continue
+            if isinstance(result, Exception):
+                reply.set_exception(result)
+            else:
+                reply.set_result(int(result))
+
+    async def _run_pipeline(self, calls: list[list[Any]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(self._sha, *args)
+            return list(await pipe.execute(raise_on_error=False))
 
 
 @dataclass(frozen=True)
