@@ -62,7 +62,8 @@ async def affected_minutes(
     db: AsyncDatabase[Document], since: datetime | None, until: datetime, now: datetime
 ) -> dict[str, set[datetime]]:
     """(account -> minutes) that received events with ingested_at in (since, until]."""
-    source = store.recent(db) if store.recent_covers(since, now) else store.events(db)
+    copy_since = await store.recent_copy_since(db)
+    source = store.recent(db) if store.recent_covers(since, now, copy_since) else store.events(db)
     window: dict[str, Any] = {"$lte": until}
     if since is not None:
         window["$gt"] = since

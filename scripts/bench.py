@@ -42,7 +42,7 @@ import msgspec
 import redis
 
 from scripts import bench_rollups
-from scripts.harness import Service, cpu_seconds, service_env
+from scripts.harness import Service, cpu_seconds, exit_on_sigterm, service_env
 from scripts.stack import ROOT, Stack, ensure_wrk, running_stack
 from service import store
 from service.config import Settings, load_settings
@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeat, args.seconds, args.flush_events, args.summary_events = 1, 2.0, 5_000, 2_000
     ensure_wrk()
+    exit_on_sigterm()
     results = Results(machine=describe_machine())
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, running_stack(
         Path(tmp) / "var", os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")

@@ -45,6 +45,11 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last!r}")
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so `finally` blocks stop what a script started."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 

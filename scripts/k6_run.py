@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from scripts.harness import Service, rss_bytes, service_env, wait_for
+from scripts.harness import Service, exit_on_sigterm, rss_bytes, service_env, wait_for
 from scripts.k6_verify import describe, verify
 from scripts.stack import ROOT, running_stack
 
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "2")))
     parser.add_argument("--keep", action="store_true", help="keep k6 output and logs")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     return run(args.scenario, args.workers, args.env, args.keep)
 
 

@@ -62,6 +62,8 @@ class Settings:
     watchdog_interval_seconds: float = 1.0
     run_flusher: bool = True
     run_rollups: bool = True
+    # the flusher's second copy of each batch into events_recent (see store.py)
+    recent_copy: bool = True
 
     @property
     def dead_letter_key(self) -> str:

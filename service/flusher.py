@@ -98,7 +98,10 @@ class Flusher:
 
     async def _prepare(self) -> None:
         await self._consumer.ensure_group()
-        self._ttl_index = await store.ensure_event_indexes(self._events.database, self._settings)
+        db = self._events.database
+        self._ttl_index = await store.ensure_event_indexes(db, self._settings)
+        # before the first write: readers trust events_recent only from here on
+        await store.mark_recent_copy(db, self._settings.recent_copy, datetime.now(UTC))
 
     async def _drain(self, read: Callable[[int], Awaitable[list[Entry]]]) -> None:
         """Flush what an earlier run (or a dead consumer) left unacknowledged."""
@@ -194,7 +197,8 @@ class Flusher:
             doc["ingested_at"] = now
         try:
             inserted = await store.insert_events(self._events, docs)
-            await store.insert_events(store.recent(self._events.database), docs)
+            if self._settings.recent_copy:
+                await store.insert_events(store.recent(self._events.database), docs)
             return inserted
         except TRANSIENT_MONGO:
             raise

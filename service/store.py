@@ -7,6 +7,7 @@ periodic delete when the server refuses one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
 from service.config import Settings
 
@@ -27,6 +28,10 @@ EVENTS = "events"
 # secondary index, so every non-_id query scans its whole collection).
 RECENT = "events_recent"
 RECENT_KEEP = timedelta(minutes=15)
+# events_recent is complete only for events ingested since the flusher began
+# copying (RECENT_COPY): readers check this marker before trusting it
+STATE = "service_state"
+RECENT_MARKER = "recent_copy"
 DUPLICATE_KEY = 11000
 NOT_IMPLEMENTED = 238
 
@@ -61,9 +66,28 @@ def recent(db: AsyncDatabase[Document]) -> AsyncCollection[Document]:
     return db[RECENT]
 
 
-def recent_covers(since: datetime | None, now: datetime) -> bool:
-    """Whether ``events_recent`` still holds every event ingested after ``since``."""
-    return since is not None and since > now - RECENT_KEEP + timedelta(minutes=1)
+def recent_covers(since: datetime | None, now: datetime, copy_since: datetime | None) -> bool:
+    """Whether ``events_recent`` holds every event ingested after ``since``."""
+    return (
+        since is not None
+        and copy_since is not None
+        and since >= copy_since
+        and since > now - RECENT_KEEP + timedelta(minutes=1)
+    )
+
+
+async def recent_copy_since(db: AsyncDatabase[Document]) -> datetime | None:
+    marker = await db[STATE].find_one({"_id": RECENT_MARKER})
+    return marker["since"] if marker else None
+
+
+async def mark_recent_copy(db: AsyncDatabase[Document], on: bool, now: datetime) -> None:
+    """Record that copying began (kept if it already had), or that it is off."""
+    if not on:
+        await db[STATE].delete_one({"_id": RECENT_MARKER})
+        return
+    with contextlib.suppress(DuplicateKeyError):  # copying since earlier: keep that start
+        await db[STATE].insert_one({"_id": RECENT_MARKER, "since": now})
 
 
 async def ensure_event_indexes(db: AsyncDatabase[Document], settings: Settings) -> bool:

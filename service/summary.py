@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -97,7 +97,8 @@ async def compute(
     top: int,
     now: datetime,
     watermark: datetime | None,
-    edge_in_recent: bool = True,
+    copy_since: datetime | None = None,
+    edge_age: timedelta = timedelta(minutes=7),
 ) -> tuple[dict[str, Any], Reads]:
     """The summary; ``watermark`` must have been read before this call reads buckets."""
     reads = Reads()
@@ -117,7 +118,8 @@ async def compute(
     if watermark is not None:
         tail["ingested_at"] = {"$gt": watermark}
     # the tail is small: read it from events_recent while that still covers it
-    tail_source = store.recent(db) if store.recent_covers(watermark, now) else store.events(db)
+    tail_in_recent = store.recent_covers(watermark, now, copy_since)
+    tail_source = store.recent(db) if tail_in_recent else store.events(db)
     async for doc in _raw(tail_source, tail, reads):
         ts = doc["timestamp"]
         res = "hour" if ts < plan.hours[1] else "minute"
@@ -126,6 +128,7 @@ async def compute(
             total.add_event(doc["type"], doc["user_id"])
     edge = {"account_id": account, "timestamp": {"$gte": plan.edge[0], "$lt": plan.edge[1]}}
     # an event in the current minute was ingested at most MAX_FUTURE + 1 min ago
+    edge_in_recent = store.recent_covers(now - edge_age, now, copy_since)
     edge_source = store.recent(db) if edge_in_recent else store.events(db)
     async for doc in _raw(edge_source, edge, reads):
         total.add_event(doc["type"], doc["user_id"])
@@ -165,9 +168,10 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
         cached = await _cache_get(redis, key)
         if cached is not None:
             return HTTPResponse(cached, content_type="application/json", headers={"X-Cache": "hit"})
-        edge_in_recent = settings.max_future_seconds + 120 < store.RECENT_KEEP.total_seconds()
+        copy_since = await store.recent_copy_since(db)
+        edge_age = timedelta(seconds=settings.max_future_seconds + 120)
         body, reads = await compute(
-            db, account, window, top, datetime.now(UTC), watermark, edge_in_recent
+            db, account, window, top, datetime.now(UTC), watermark, copy_since, edge_age
         )
     except PyMongoError:
         return error_response(

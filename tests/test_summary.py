@@ -240,3 +240,33 @@ def test_schedulers_killed_mid_run_and_running_twice_stay_exact(
              20, what="both schedulers restarted")  # fmt: skip
     wait_rolled_up(backends, set(accounts))
     check_all_windows(first, backends, set(accounts))
+
+
+def test_recent_copy_off_then_on_stays_exact(start_service: ServiceFactory) -> None:
+    """RECENT_COPY=false writes no second copy; turning it on later must not make
+    readers trust an events_recent that misses what arrived while it was off."""
+    account = unique("acc")
+    slow_rollups = {**FAST_ROLLUPS, "rollup_interval_seconds": 3600}  # keep W back: all tail
+    off, backends = start_service(**slow_rollups, recent_copy=False)
+    db = backends.mongo[backends.db_name]
+    now = datetime.now(UTC)
+    first = [make_event_at(account, i, now - timedelta(seconds=30 + i)) for i in range(20)]
+    post_all(off, first)
+    wait_for(drained(backends, account, 20), what="the first events stored")
+    assert db["events_recent"].count_documents({}) == 0
+    assert db["service_state"].find_one({"_id": "recent_copy"}) is None
+    check_all_windows(off, backends, {account})
+    off.stop()
+    on, _ = start_service(**slow_rollups, mongo_db=backends.db_name,
+                          stream_key=backends.stream)  # fmt: skip
+    wait_for(lambda: db["service_state"].find_one({"_id": "recent_copy"}), what="the marker")
+    second = [make_event_at(account, 100 + i, datetime.now(UTC)) for i in range(10)]
+    post_all(on, second)
+    wait_for(drained(backends, account, 30), what="the second events stored")
+    assert db["events_recent"].count_documents({"account_id": account}) == 10
+    check_all_windows(on, backends, {account})  # the first 20 must still count
+
+
+def make_event_at(account: str, n: int, ts: datetime) -> dict[str, Any]:
+    return {"event_id": f"e{n}", "account_id": account, "user_id": f"u{n % 3}",
+            "type": "login", "timestamp": iso(ts)}  # fmt: skip
