@@ -69,6 +69,11 @@ class Producer:
         self._client = client
         self._settings = settings
         self._sha = hashlib.sha1(_ENQUEUE.encode()).hexdigest()
+        # the arguments every call shares, encoded once (redis-py encodes per call)
+        self._head = [self._sha.encode(), b"3", settings.stream_key.encode(),
+                      settings.queue_depth_key.encode()]  # fmt: skip
+        self._tail = [str(settings.queue_max_events).encode(),
+                      str(settings.rate_limit_events_per_second).encode()]  # fmt: skip
         self._waiting: list[tuple[list[Any], asyncio.Future[int]]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -76,16 +81,7 @@ class Producer:
         s = self._settings
         limit = s.rate_limit_events_per_second
         rate_key = f"{s.stream_key}:rate:{client_id}:{int(time.time())}" if limit else ""
-        args = [
-            3,
-            s.stream_key,
-            s.queue_depth_key,
-            rate_key,
-            count,
-            body,
-            s.queue_max_events,
-            limit,
-        ]
+        args = [*self._head, rate_key, count, body, *self._tail]
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[int] = loop.create_future()
         self._waiting.append((args, reply))
@@ -122,7 +118,7 @@ class Producer:
     async def _run_pipeline(self, calls: list[list[Any]]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             for args in calls:
-                pipe.evalsha(self._sha, *args)
+                pipe.execute_command("EVALSHA", *args)
             return list(await pipe.execute(raise_on_error=False))
 
 
