@@ -373,6 +373,29 @@ def ingest_table(results: Results, workers: int) -> list[str]:
     return lines
 
 
+def targets(results: Results) -> list[str]:
+    """The issue's targets, checked against this run's figures."""
+    lines = ["| target | this run | met |", "|---|---:|:-:|"]
+
+    def row(name: str, value: float, goal: float, shown: str) -> None:
+        lines.append(f"| {name} | {shown} | {'yes' if value >= goal else 'no'} |")
+
+    bare, ours = results.ingest.get("bare Sanic", {}), results.ingest.get("service", {})
+    if 10 in ours and 10 in bare:
+        ratio = ours[10].requests_per_s / bare[10].requests_per_s
+        row("10-event batches: ≥ 60% of the bare-Sanic request rate", ratio, 0.6, f"{ratio:.0%}")
+    if 100 in ours:
+        rate = ours[100].events_per_s
+        row("100-event batches: ≥ 350,000 events/s", rate, 350_000, f"{rate:,.0f}")
+    f = results.flush
+    for name in ("flusher", "flusher, no copy"):
+        if name in f:
+            ratio = f[name] / f["raw insert_many"]
+            label = "default" if name == "flusher" else "`RECENT_COPY=false`"
+            row(f"flusher ({label}): ≥ 80% of raw insert_many", ratio, 0.8, f"{ratio:.0%}")
+    return lines
+
+
 def write_report(results: Results, args: argparse.Namespace, plot: Path) -> Path:
     m = results.machine
     f = results.flush
@@ -417,6 +440,13 @@ def write_report(results: Results, args: argparse.Namespace, plot: Path) -> Path
         f"| {pct(f['flusher'], f['raw insert_many'])} |",
         f"| flusher with `RECENT_COPY=false` | {f['flusher, no copy']:,.0f} "
         f"| {pct(f['flusher, no copy'], f['raw insert_many'])} |",
+        "",
+        "## Targets",
+        "",
+        *targets(results),
+        "",
+        "What stands between a figure and its target, measured with py-spy "
+        "(`python -m scripts.profile_ingest`), is in [PROFILE.md](PROFILE.md).",
         "",
         "## Summary (`GET /summary/{account}?window=24h`, uncached)",
         "",
