@@ -84,7 +84,9 @@ class RollupRunner:
         try:
             if not await self._lease.hold():
                 return
+            started = time.monotonic()
             result = await jobs.run_once(self._db, self._settings)
+            took = time.monotonic() - started
             await self._expire_if_due()
         except (PyMongoError, RedisError, OSError) as exc:
             metrics.ROLLUP_RUNS.labels("error").inc()
@@ -94,6 +96,15 @@ class RollupRunner:
             metrics.ROLLUP_RUNS.labels("idle").inc()
             return
         metrics.ROLLUP_RUNS.labels("ok").inc()
+        if took > self._settings.rollup_interval_seconds:
+            # summaries stay exact meanwhile (live tail), but slower: say so
+            log.info(
+                "rollup run up to %s took %.1f s (%d minute, %d hour buckets)",
+                result.watermark.isoformat(),
+                took,
+                result.minute_buckets,
+                result.hour_buckets,
+            )
         metrics.ROLLUP_BUCKETS.labels("minute").inc(result.minute_buckets)
         metrics.ROLLUP_BUCKETS.labels("hour").inc(result.hour_buckets)
 
