@@ -23,7 +23,7 @@ from service.events import batch_schema
 from service.ingest import limits_from, post_events
 from service.processes import Watchdog, configure_logging, set_title
 from service.responses import error_response
-from service.summary import get_summary, rollup_figures
+from service.summary import SingleFlight, get_summary, rollup_figures
 
 log = logging.getLogger("service.app")
 
@@ -128,6 +128,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
         app.ctx.producer = queue.Producer(app.ctx.redis, settings)
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
+        app.ctx.summaries_in_flight = SingleFlight()
 
     @app.after_server_stop
     async def disconnect(app: App) -> None:

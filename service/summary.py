@@ -16,11 +16,12 @@ each stored event exactly once whatever the rollup job does meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import msgspec
 from pymongo.errors import PyMongoError
@@ -34,6 +35,8 @@ from service.config import Settings
 from service.ingest import api_key_of
 from service.metrics import Live
 from service.responses import error_response
+
+T = TypeVar("T")
 
 ACCOUNT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$(?!\n)")
 MAX_TOP = 100
@@ -168,11 +171,15 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
         cached = await _cache_get(redis, key)
         if cached is not None:
             return HTTPResponse(cached, content_type="application/json", headers={"X-Cache": "hit"})
-        copy_since = await store.recent_copy_since(db)
         edge_age = timedelta(seconds=settings.max_future_seconds + 120)
-        body, reads = await compute(
-            db, account, window, top, datetime.now(UTC), watermark, copy_since, edge_age
-        )
+
+        async def answer() -> tuple[dict[str, Any], Reads]:
+            copy_since = await store.recent_copy_since(db)
+            now = datetime.now(UTC)
+            return await compute(db, account, window, top, now, watermark, copy_since, edge_age)
+
+        in_flight: SingleFlight = request.app.ctx.summaries_in_flight
+        body, reads = await in_flight.run(key, answer)
     except PyMongoError:
         return error_response(
             503,
@@ -188,6 +195,44 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
         "X-Raw-Events-Read": str(reads.raw_events),
     }
     return HTTPResponse(encoded, content_type="application/json", headers=headers)
+
+
+class SingleFlight:
+    """Identical summaries asked for concurrently in one worker share one computation.
+
+    Without it, every request that misses the cache for the same key (say 100
+    clients polling one account when the watermark moves) recomputes the same
+    answer against MongoDB at once. Joiners get the answer of a computation that
+    started before they arrived, as a cache hit would; ``as_of`` says when.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Future[Any]] = {}
+
+    async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+        while (running := self._running.get(key)) is not None:
+            try:
+                return cast(T, await asyncio.shield(running))
+            except asyncio.CancelledError:
+                if not running.cancelled():
+                    raise  # this request itself was cancelled
+                # the leader went away mid-way: take over (or join the next one)
+        shared: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._running[key] = shared
+        try:
+            result = await compute()
+        except Exception as exc:
+            shared.set_exception(exc)
+            shared.exception()  # retrieved: no "never retrieved" warning when nobody joined
+            raise
+        except BaseException:
+            shared.cancel()  # the leader was cancelled; joiners see that and may retry
+            raise
+        else:
+            shared.set_result(result)
+            return result
+        finally:
+            del self._running[key]
 
 
 async def _cache_get(redis: Any, key: str) -> bytes | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from service.config import SettingsError, load_settings
 from service.events import EventSchema, InvalidJSON, Limits, now_utc, validate_batch
+from service.summary import SingleFlight
 
 LIMITS = Limits(1000, timedelta(minutes=5), timedelta(days=7), 8192, 8)
 
@@ -105,3 +107,50 @@ def test_batch_charset_check_agrees_with_the_documented_patterns(
     assert bool(events) and not problems if strict_ok else (not events and problems)
     if not strict_ok:
         assert {p.index for p in problems} == {n - 1}
+
+
+async def test_single_flight_shares_one_computation_per_key() -> None:
+    flights, calls = SingleFlight(), []
+    release = asyncio.Event()
+
+    async def compute(tag: str) -> str:
+        calls.append(tag)
+        await release.wait()
+        return tag
+
+    tasks = [asyncio.ensure_future(flights.run("k", lambda: compute("a"))) for _ in range(5)]
+    other = asyncio.ensure_future(flights.run("other", lambda: compute("b")))
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*tasks) == ["a"] * 5 and await other == "b"
+    assert sorted(calls) == ["a", "b"]
+    assert await flights.run("k", lambda: compute("c")) == "c"  # done flights are not reused
+
+
+async def test_single_flight_failures_reach_every_joiner_and_cancels_hand_over() -> None:
+    flights = SingleFlight()
+    gate = asyncio.Event()
+
+    async def fail() -> str:
+        await gate.wait()
+        raise RuntimeError("mongo down")
+
+    tasks = [asyncio.ensure_future(flights.run("k", fail)) for _ in range(3)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+    async def slow() -> str:
+        await asyncio.sleep(10)
+        return "slow"
+
+    async def fast() -> str:
+        return "fast"
+
+    leader = asyncio.ensure_future(flights.run("k", slow))
+    await asyncio.sleep(0)
+    joiner = asyncio.ensure_future(flights.run("k", fast))
+    await asyncio.sleep(0)
+    leader.cancel()
+    assert await joiner == "fast"
