@@ -122,19 +122,27 @@ async def compute(
         tail["ingested_at"] = {"$gt": watermark}
     # the tail is small: read it from events_recent while that still covers it
     tail_in_recent = store.recent_covers(watermark, now, copy_since)
-    tail_source = store.recent(db) if tail_in_recent else store.events(db)
-    async for doc in _raw(tail_source, tail, reads):
-        ts = doc["timestamp"]
-        res = "hour" if ts < plan.hours[1] else "minute"
-        bucket_w = covered.get((res, floor(ts, res)))
-        if bucket_w is None or doc["ingested_at"] > bucket_w:
-            total.add_event(doc["type"], doc["user_id"])
-    edge = {"account_id": account, "timestamp": {"$gte": plan.edge[0], "$lt": plan.edge[1]}}
     # an event in the current minute was ingested at most MAX_FUTURE + 1 min ago
     edge_in_recent = store.recent_covers(now - edge_age, now, copy_since)
-    edge_source = store.recent(db) if edge_in_recent else store.events(db)
-    async for doc in _raw(edge_source, edge, reads):
-        total.add_event(doc["type"], doc["user_id"])
+    edge = {"account_id": account, "timestamp": {"$gte": plan.edge[0], "$lt": plan.edge[1]}}
+    recent, events = store.recent(db), store.events(db)
+    reads_needed: list[tuple[Any, dict[str, Any]]]
+    if tail_in_recent == edge_in_recent:
+        # one read for both: on FerretDB every read scans the whole collection
+        reads_needed = [(recent if tail_in_recent else events, {"$or": [tail, edge]})]
+    else:
+        reads_needed = [(recent if tail_in_recent else events, tail),
+                        (recent if edge_in_recent else events, edge)]  # fmt: skip
+    for source, query in reads_needed:
+        async for doc in _raw(source, query, reads):
+            ts = doc["timestamp"]
+            if ts >= plan.edge[0]:  # the partial current minute: no bucket, count all
+                total.add_event(doc["type"], doc["user_id"])
+                continue
+            res = "hour" if ts < plan.hours[1] else "minute"
+            bucket_w = covered.get((res, floor(ts, res)))
+            if bucket_w is None or doc["ingested_at"] > bucket_w:
+                total.add_event(doc["type"], doc["user_id"])
     body = {
         "account_id": account,
         "window": window,
