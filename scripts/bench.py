@@ -149,49 +149,25 @@ def measure_http(
                 redis_cpu * per_million, p50, p99)  # fmt: skip
 
 
-def bench_http(
-    name: str, service: Service, bodies: dict[int, Path], args: argparse.Namespace,
-    after: Callable[[], None], redis_pids: list[int],
-) -> dict[int, Rate]:  # fmt: skip
-    rates = {}
-    for size, body_file in bodies.items():
-        samples = [measure_http(service, body_file, size, args.seconds, after, redis_pids)
-                   for _ in range(args.repeat)]  # fmt: skip
-        rates[size] = median_rate(samples)
-        r = rates[size]
-        print(f"[bench] {name:>8} batch {size:>3}: {r.requests_per_s:>8,.0f} req/s "
-              f"{r.events_per_s:>10,.0f} events/s p99 {r.p99_ms:.1f} ms", flush=True)  # fmt: skip
-    return rates
-
-
-def bench_xadd(
-    client: redis.Redis, bodies: dict[int, bytes], args: argparse.Namespace
-) -> dict[int, Rate]:
-    rates = {}
-    for size, body in bodies.items():
-        samples = []
-        for run in range(args.repeat):
-            key = f"bench:xadd:{size}:{run}"
-            written = 0
-            started = time.perf_counter()
-            while time.perf_counter() - started < min(args.seconds, 3):
-                pipe = client.pipeline(transaction=False)
-                for _ in range(XADD_PIPELINE):
-                    pipe.xadd(key, {"n": size, "b": body})
-                pipe.execute()
-                written += XADD_PIPELINE
-            elapsed = time.perf_counter() - started
-            client.delete(key)
-            samples.append(Rate(written / elapsed, written * size / elapsed))
-        rates[size] = median_rate(samples)
-        print(
-            f"[bench]     xadd batch {size:>3}: {rates[size].events_per_s:>10,.0f} events/s",
-            flush=True,
-        )
-    return rates
+def xadd_once(client: redis.Redis, body: bytes, size: int, seconds: float) -> Rate:
+    """Pipelined XADDs of ``body`` for ``seconds``: the queue ceiling."""
+    key = f"bench:xadd:{size}"
+    written = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        pipe = client.pipeline(transaction=False)
+        for _ in range(XADD_PIPELINE):
+            pipe.xadd(key, {"n": size, "b": body})
+        pipe.execute()
+        written += XADD_PIPELINE
+    elapsed = time.perf_counter() - started
+    client.delete(key)
+    return Rate(written / elapsed, written * size / elapsed)
 
 
 def bench_ingest(stack: Stack, work: Path, args: argparse.Namespace, results: Results) -> None:
+    """Bare Sanic, the service and raw XADD, interleaved per size and repeat: a
+    machine that drifts faster or slower mid-run moves all three alike."""
     rng = random.Random(7)
     raw = {size: make_body(size, rng) for size in args.sizes}
     bodies = {}
@@ -207,23 +183,31 @@ def bench_ingest(stack: Stack, work: Path, args: argparse.Namespace, results: Re
 
     redis_pids = [stack.redis.proc.pid] if stack.redis and stack.redis.proc else []
     bare = Service(env, workers=args.workers, app="scripts.bench_apps:create_bare_app")
-    bare.start(work, ready_path="/health")
+    ours = Service(env, workers=args.workers)
+    samples: dict[str, dict[int, list[Rate]]] = {
+        name: {size: [] for size in args.sizes} for name in ("bare Sanic", "service", "raw XADD")
+    }
     try:
-        results.ingest["bare Sanic"] = bench_http(
-            "bare", bare, bodies, args, clear_queue, redis_pids
-        )
+        bare.start(work, ready_path="/health")
+        ours.start(work)
+        for _ in range(args.repeat):
+            for size, body_file in bodies.items():
+                for name, service in (("bare Sanic", bare), ("service", ours)):
+                    samples[name][size].append(measure_http(
+                        service, body_file, size, args.seconds, clear_queue, redis_pids
+                    ))  # fmt: skip
+                samples["raw XADD"][size].append(
+                    xadd_once(client, raw[size], size, min(args.seconds, 3))
+                )
+                line = ", ".join(f"{name} {rates[size][-1].events_per_s:,.0f}"
+                                 for name, rates in samples.items())  # fmt: skip
+                print(f"[bench] batch {size}: events/s {line}", flush=True)
     finally:
         bare.stop()
-    ours = Service(env, workers=args.workers)
-    ours.start(work)
-    try:
-        results.ingest["service"] = bench_http(
-            "service", ours, bodies, args, clear_queue, redis_pids
-        )
-    finally:
         ours.stop()
-    results.ingest["raw XADD"] = bench_xadd(client, raw, args)
-    client.close()
+        client.close()
+    for name, by_size in samples.items():
+        results.ingest[name] = {size: median_rate(rates) for size, rates in by_size.items()}
 
 
 # --- flusher ----------------------------------------------------------------------
