@@ -16,7 +16,7 @@ In one run, on one machine, against real servers started here:
 Every figure is the median of ``--repeat`` runs. Writes docs/PERFORMANCE.md and
 docs/ingest-throughput.png.
 
-    python -m scripts.bench [--repeat 3] [--seconds 5] [--workers 2] [--quick]
+    python -m scripts.bench [--repeat 5] [--seconds 5] [--workers 2] [--quick]
 """
 
 from __future__ import annotations
@@ -389,8 +389,9 @@ def write_report(results: Results, args: argparse.Namespace, plot: Path) -> Path
         "",
         "Written by `make bench` (`scripts/bench.py`); every figure is the median of "
         f"{args.repeat} runs of {args.seconds:g} s, and every ceiling was measured in the "
-        "same run, on the same machine, right before the figure it bounds. Regenerate "
-        "rather than edit.",
+        "same run, on the same machine, interleaved with the figure it bounds (bare "
+        "Sanic, service, raw XADD for each batch size in turn, every repeat). "
+        "Regenerate rather than edit.",
         "",
         f"Machine: {m['cpu']}, {m['memory']} RAM, {m['os']}; Python {m['python']}, "
         f"Sanic {m['sanic']}, redis-server {m['redis']} (AOF, `appendfsync always`), "
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
