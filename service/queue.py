@@ -61,7 +61,7 @@ class Producer:
     Enqueues issued by concurrent requests in the same event-loop tick go to
     Redis as one pipeline (one write, one read, one fsync of the AOF for all
     of them): per-command client overhead was the largest cost of a small
-    ingest request (py-spy; docs/PERFORMANCE.md). Each caller still gets its
+    ingest request (py-spy; docs/PROFILE.md). Each caller still gets its
     own reply, so a 202 still means Redis has acknowledged that batch.
     """
 
@@ -98,10 +98,13 @@ class Producer:
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[int]]]) -> None:
         try:
             results = await self._run_pipeline([args for args, _ in batch])
-            if any(isinstance(r, NoScriptError) for r in results):
-                # a restarted Redis forgot the script; nothing ran, so run it again
+            forgotten = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if forgotten:
+                # a restarted Redis forgot the script; those calls did not run
                 await self._client.script_load(_ENQUEUE)
-                results = await self._run_pipeline([args for args, _ in batch])
+                again = await self._run_pipeline([batch[i][0] for i in forgotten])
+                for i, result in zip(forgotten, again, strict=True):
+                    results[i] = result
         except Exception as exc:  # the connection failed: every caller hears it
             for _, reply in batch:
                 if not reply.done():
