@@ -40,11 +40,12 @@ from typing import Any
 
 import msgspec
 import redis
+import uvloop
 
 from scripts import bench_rollups
 from scripts.harness import Service, cpu_seconds, exit_on_sigterm, service_env
 from scripts.stack import ROOT, Stack, ensure_wrk, running_stack
-from service import store
+from service import queue, store
 from service.config import Settings, load_settings
 from service.events import decode_events, to_document
 from service.flusher import Flusher
@@ -215,8 +216,6 @@ def bench_ingest(stack: Stack, work: Path, args: argparse.Namespace, results: Re
 
 async def drain_with_flusher(settings: Settings, bodies: list[bytes]) -> float:
     """Seconds for the real Flusher to store every event of ``bodies`` from the stream."""
-    from service import queue
-
     client = queue.connect(settings.redis_url)
     mongo = store.connect(settings)
     db = store.database(mongo, settings)
@@ -270,8 +269,6 @@ async def insert_many_ceiling(settings: Settings, bodies: list[bytes]) -> float:
 
 
 def bench_flusher(stack: Stack, args: argparse.Namespace, results: Results) -> None:
-    import uvloop
-
     rng = random.Random(11)
     rates: dict[str, list[float]] = {"raw insert_many": [], "flusher": [], "flusher, no copy": []}
     events = 0
@@ -297,14 +294,9 @@ def bench_flusher(stack: Stack, args: argparse.Namespace, results: Results) -> N
 def bench_summary(stack: Stack, args: argparse.Namespace, results: Results) -> None:
     settings = load_settings({"MONGO_URL": stack.mongo_url, "REDIS_URL": stack.redis_url,
                               "MONGO_DB": "bench_summary"})  # fmt: skip
-    figures = uvloop_run(bench_rollups.measure(settings, args.summary_events, args.summary_repeat))
-    results.summary = figures
-
-
-def uvloop_run(coro: Any) -> Any:
-    import uvloop
-
-    return uvloop.run(coro)
+    results.summary = uvloop.run(
+        bench_rollups.measure(settings, args.summary_events, args.summary_repeat)
+    )
 
 
 # --- report -------------------------------------------------------------------------

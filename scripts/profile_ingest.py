@@ -14,7 +14,6 @@ import argparse
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,10 @@ from collections import Counter
 from pathlib import Path
 
 from scripts.bench import make_body, wrk_once
-from scripts.harness import Service, service_env
+from scripts.harness import Service, dev_tool, service_env
 from scripts.stack import ROOT, running_stack
 
 LINE_NUMBER = re.compile(r":\d+\)$")
-
-
-def py_spy() -> str:
-    found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
-    if not found:
-        raise SystemExit("py-spy is missing: `pip install py-spy` (it is in the dev extras)")
-    return found
 
 
 def top_functions(
@@ -77,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             load.start()
             subprocess.run(
-                [py_spy(), "record", "--pid", str(worker), "--duration", str(int(args.seconds)),
+                [dev_tool("py-spy"), "record", "--pid", str(worker),
+                 "--duration", str(int(args.seconds)),
                  "--format", "raw", "--nonblocking", "--output", str(out)],
                 check=True, capture_output=True,
             )  # fmt: skip

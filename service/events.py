@@ -22,9 +22,9 @@ TYPE_PATTERN = r"^[a-z0-9_.:-]+$(?!\n)"
 USER_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$(?!\n)"
 
 # lengths are checked by msgspec in C while decoding; the charsets of a whole
-# batch are checked afterwards with one regex per field over the concatenated
-# values (a per-value regex from msgspec cost ~85% of decoding; measured in
-# docs/PERFORMANCE.md), since each charset rule holds per character
+# batch are checked afterwards, once per field over the concatenated values
+# (_charsets_ok), since each charset rule holds per character: a per-value
+# regex from msgspec cost ~85% of decoding (docs/PROFILE.md)
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
@@ -52,7 +52,7 @@ FIELD_RULES = {
 
 # gc=False: an event holds only strings, a datetime and JSON metadata, so it can
 # never be part of a reference cycle; untracked, 100 of them per request no
-# longer drive the cyclic collector (~9% faster decoding, scripts/bench.py)
+# longer drive the cyclic collector (~9% faster decoding, docs/PROFILE.md)
 class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=False):
     event_id: Text
     account_id: ShortText
