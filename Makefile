@@ -27,7 +27,7 @@ run: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy service rollups scripts tests
+	$(VENV)/bin/mypy core service rollups scripts tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -1,8 +1,15 @@
-"""The ``rollups`` process: an APScheduler job every few seconds, under a Redis lease.
+"""The ``rollups`` process: APScheduler jobs under a Redis lease.
 
-Only the lease holder runs; a second instance (another host) keeps trying and
-takes over when the lease expires. Overlap is harmless anyway: buckets are
-replaced only by a newer watermark and the watermark only moves forward.
+- ``roll`` (every ``ROLLUP_INTERVAL_SECONDS``): when a new minute has begun,
+  roll every account that is due to it: those with tail entries (the dirty
+  sets the flushers maintain) and those a bucket is about to leave a window of
+  (a schedule in Redis, scored by that minute). Between minute boundaries it
+  has nothing to do: summaries read the tail meanwhile.
+- ``retention`` (every minute): delete expired raw events and buckets.
+
+The clock is the Redis server's (TIME), shared with every summary, so a head
+is never ahead of a reader's minute. Only the lease holder works; another
+instance (on another host) takes over when the lease lapses.
 """
 
 from __future__ import annotations
@@ -10,154 +17,173 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
-import uuid
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from pymongo.asynchronous.database import AsyncDatabase
+from pymongo import ASCENDING
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
-from rollups import jobs
-from rollups import store as rollup_store
-from rollups.buckets import Document
-from service import metrics, queue, store
-from service.config import Settings
-from service.processes import run_process, stop_on_signals
+from core import keys, metrics, store
+from core.buckets import floor
+from core.settings import Settings
+from core.store import Database
+from core.tail import redis_time_ms
+from core.worker import Worker, run_worker
+from rollups.lease import Lease
+from rollups.retention import Retention
+from rollups.rollover import HeadConflict, Roller, next_change
 
-log = logging.getLogger("rollups.scheduler")
+log = logging.getLogger(__name__)
 
-RETENTION_EVERY_SECONDS = 600.0
-SHUTDOWN_GRACE_SECONDS = 10.0
-
-# KEYS: lease; ARGV: token, ttl ms. Take it if free, extend it if ours.
-_ACQUIRE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
+RETENTION_EVERY_SECONDS = 60.0
+CONCURRENT_ACCOUNTS = 4
+RENEW_LEASE_EVERY = 50  # accounts
 
 
-class Lease:
-    def __init__(self, client: aioredis.Redis, key: str, ttl_seconds: float) -> None:
-        self._client = client
-        self.key = key
-        self.token = f"{socket.gethostname()}:{uuid.uuid4().hex}"
-        self._ttl_ms = int(ttl_seconds * 1000)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._release = client.register_script(_RELEASE)
-
-    async def hold(self) -> bool:
-        return bool(await self._acquire(keys=[self.key], args=[self.token, self._ttl_ms]))
-
-    async def release(self) -> None:
-        await self._release(keys=[self.key], args=[self.token])
+async def ensure_rollup_indexes(db: Database) -> None:
+    for name in (keys.MINUTES, keys.HOURS):
+        await db[name].create_index([("start", ASCENDING)])
 
 
-def lease_key(settings: Settings) -> str:
-    return f"{settings.mongo_db}:rollups:lease"
+class RollupsProcess(Worker):
+    role = "rollups"
 
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, settings.rollup_timeout_seconds)
+        ttl = max(10.0, 5 * settings.rollup_interval_seconds)
+        self.lease = Lease(self.redis, keys.lease(settings), ttl, "rollups")
+        self.roller = Roller(self.db, self.redis, settings)
+        self.retention: Retention | None = None
+        self.rolled_minute: int | None = None
+        self.held = False
+        self.busy = asyncio.Lock()  # one job at a time, and shutdown waits for it
 
-class RollupRunner:
-    def __init__(self, db: AsyncDatabase[Document], lease: Lease, settings: Settings) -> None:
-        self._db = db
-        self._lease = lease
-        self._settings = settings
-        self._last_retention = 0.0
-        self.running = asyncio.Lock()  # held during a run, so shutdown can wait for it
+    async def startup(self) -> None:
+        await ensure_rollup_indexes(self.db)
+        has_ttl = await store.ensure_event_indexes(self.db, self.settings)
+        self.retention = Retention(self.db, self.settings, raw_by_delete=not has_ttl)
 
-    async def tick(self) -> None:
-        async with self.running:
-            await self._tick()
-
-    async def _tick(self) -> None:
-        try:
-            if not await self._lease.hold():
-                return
-            started = time.monotonic()
-            result = await jobs.run_once(self._db, self._settings)
-            took = time.monotonic() - started
-            await self._expire_if_due()
-        except (PyMongoError, RedisError, OSError) as exc:
-            metrics.ROLLUP_RUNS.labels("error").inc()
-            log.warning("rollup run failed (%s); the next run redoes it", exc)
-            return
-        if result is None:
-            metrics.ROLLUP_RUNS.labels("idle").inc()
-            return
-        metrics.ROLLUP_RUNS.labels("ok").inc()
-        if took > self._settings.rollup_interval_seconds:
-            # summaries stay exact meanwhile (live tail), but slower: say so
-            log.info(
-                "rollup run up to %s took %.1f s (%d minute, %d hour buckets)",
-                result.watermark.isoformat(),
-                took,
-                result.minute_buckets,
-                result.hour_buckets,
-            )
-        metrics.ROLLUP_BUCKETS.labels("minute").inc(result.minute_buckets)
-        metrics.ROLLUP_BUCKETS.labels("hour").inc(result.hour_buckets)
-
-    async def _expire_if_due(self) -> None:
-        if time.monotonic() - self._last_retention < RETENTION_EVERY_SECONDS:
-            return
-        self._last_retention = time.monotonic()
-        await jobs.expire_buckets(self._db, self._settings, datetime.now(UTC))
-
-
-async def serve(settings: Settings) -> None:
-    stop = stop_on_signals()
-    loop = asyncio.get_running_loop()
-    redis = queue.connect(settings.redis_url)
-    mongo = store.connect(settings, settings.rollup_timeout_seconds)
-    db = store.database(mongo, settings)
-    # long enough to cover a normal run; an overrun only means a harmless overlap
-    lease = Lease(redis, lease_key(settings), max(10.0, 5 * settings.rollup_interval_seconds))
-    runner = RollupRunner(db, lease, settings)
-    scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
-    try:
-        while not stop.is_set():
-            try:
-                await rollup_store.ensure_indexes(db)
-                break
-            except PyMongoError as exc:
-                log.warning("cannot create rollup indexes yet (%s); retrying", exc)
-                await asyncio.sleep(1)
-        scheduler.add_job(
-            runner.tick,
-            "interval",
-            seconds=settings.rollup_interval_seconds,
-            next_run_time=datetime.now(UTC),
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-            id="rollups",
-        )
+    async def main(self) -> None:
+        scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=UTC)
+        common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None,
+                  "next_run_time": datetime.now(UTC)}  # fmt: skip
+        scheduler.add_job(self.roll, "interval", seconds=self.settings.rollup_interval_seconds,
+                          id="roll", **common)  # fmt: skip
+        scheduler.add_job(self.expire, "interval", seconds=RETENTION_EVERY_SECONDS,
+                          id="retention", **common)  # fmt: skip
         scheduler.start()
-        await stop.wait()
-    finally:
-        if scheduler.running:
+        try:
+            await self.stopping.wait()
+        finally:
             scheduler.shutdown(wait=False)
-        try:  # let a run in progress finish before its connections close
-            await asyncio.wait_for(runner.running.acquire(), SHUTDOWN_GRACE_SECONDS)
-        except TimeoutError:
-            log.warning("a rollup run was still going at shutdown; the next start redoes it")
-        with contextlib.suppress(RedisError):
-            await lease.release()
-        await redis.aclose()
-        await mongo.close()
+            async with self.busy:  # let a job in progress finish (within the grace)
+                pass
+
+    async def shutdown(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.lease.release()
+
+    async def _lead(self) -> bool:
+        """Whether this process holds the lease; forget cached heads after a gap."""
+        held = await self.lease.hold()
+        if held and not self.held:
+            self.roller.forget_heads()
+            self.rolled_minute = None
+        self.held = held
+        return held
+
+    async def roll(self) -> None:
+        async with self.busy:
+            try:
+                if self.stopping.is_set() or not await self._lead():
+                    return
+                minute = floor(redis_time_ms(await self.redis.time()), "minute")
+                if minute == self.rolled_minute:
+                    metrics.ROLLUP_RUNS.labels("idle").inc()
+                    return
+                started = time.monotonic()
+                rolled, failed = await self.roll_due(minute)
+            except (PyMongoError, RedisError, OSError) as exc:
+                metrics.ROLLUP_RUNS.labels("error").inc()
+                log.warning("rollover pass failed (%s); the next run redoes it", exc)
+                return
+            took = time.monotonic() - started
+            metrics.ROLLUP_SECONDS.observe(took)
+            metrics.ROLLUP_RUNS.labels("ok" if not failed else "partial").inc()
+            if not failed:
+                self.rolled_minute = minute
+                await self.redis.set(keys.rollup_progress(self.settings), minute)
+            if rolled or failed:
+                log.info("rolled %d accounts to %s in %.2f s (%d failed, retried next run)",
+                         rolled, datetime.fromtimestamp(minute / 1000, UTC).strftime("%H:%M"),
+                         took, failed)  # fmt: skip
+
+    async def due_accounts(self, minute: int) -> set[str]:
+        due: set[str] = set()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in keys.partitions(self.settings):
+                pipe.smembers(part.dirty)
+            pipe.zrangebyscore(keys.rollup_schedule(self.settings), "-inf", minute)
+            replies = await pipe.execute()
+        for reply in replies:
+            due.update(a.decode() for a in reply)
+        return due
+
+    async def roll_due(self, minute: int) -> tuple[int, int]:
+        """Roll every due account to ``minute``; (rolled, failed) counts."""
+        accounts = sorted(await self.due_accounts(minute))
+        gate = asyncio.Semaphore(CONCURRENT_ACCOUNTS)
+        rolled = failed = 0
+
+        async def one(account: str) -> None:
+            nonlocal rolled, failed
+            async with gate:
+                try:
+                    if await self.roll_account(account, minute):
+                        rolled += 1
+                except HeadConflict:
+                    failed += 1
+                    log.info("account %s was rolled by another job; retried next run", account)
+                except (PyMongoError, RedisError, OSError, LookupError) as exc:
+                    failed += 1
+                    log.warning("rolling account %s failed: %s", account, exc)
+
+        for start in range(0, len(accounts), RENEW_LEASE_EVERY):
+            if not await self._lead():
+                log.warning("lost the rollups lease mid-pass; stopping this pass")
+                return rolled, failed + len(accounts) - start
+            await asyncio.gather(*(one(a) for a in accounts[start : start + RENEW_LEASE_EVERY]))
+        return rolled, failed
+
+    async def roll_account(self, account: str, minute: int) -> bool:
+        result = await self.roller.roll(account, minute)
+        head = result.head if result else await self.roller.head(account)
+        schedule = keys.rollup_schedule(self.settings)
+        due = next_change(head)
+        if due is None:
+            await self.redis.zrem(schedule, account)
+        else:
+            await self.redis.zadd(schedule, {account: due})
+        if result is None:
+            return False
+        metrics.ROLLUP_ACCOUNTS.inc()
+        for kind, n in result.documents.items():
+            metrics.ROLLUP_DOCUMENTS.labels(kind).inc(n)
+        return True
+
+    async def expire(self) -> None:
+        async with self.busy:
+            try:
+                if self.stopping.is_set() or self.retention is None or not await self._lead():
+                    return
+                now = redis_time_ms(await self.redis.time())
+                await self.retention.sweep(now)
+            except (PyMongoError, RedisError, OSError) as exc:
+                log.warning("retention sweep failed (%s); the next one goes on", exc)
 
 
 def rollups_process(settings: Settings) -> None:
     """Entry point of the managed ``rollups`` process."""
-    run_process("rollups", serve(settings))
+    run_worker(RollupsProcess.role, lambda: RollupsProcess(settings), settings)

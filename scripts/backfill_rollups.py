@@ -5,7 +5,9 @@
 
 Idempotent (buckets that already match are left alone) and resumable (it
 checkpoints every hour; run the same command again after an interrupt).
-Uses MONGO_URL / MONGO_DB like the service. Exit codes: 0 done, 2 refused.
+Uses REDIS_URL / MONGO_URL / MONGO_DB like the service, and runs while the
+service runs (it takes the rollups lease meanwhile). Exit codes: 0 done,
+2 refused.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from datetime import UTC, datetime
 
 from tqdm import tqdm
 
-from rollups.backfill import RangeRefused, Report, backfill
-from service import store
-from service.config import load_settings
+from core import store
+from core.connections import connect_redis
+from core.settings import load_settings
+from rollups.backfill import Backfill, RangeRefused, Report
 
 
 def parse_time(text: str) -> datetime:
@@ -48,10 +51,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> int:
     settings = load_settings()
-    if not settings.mongo_url:
-        print("MONGO_URL is not set: point it at the service's MongoDB", file=sys.stderr)
+    if not settings.mongo_url or not settings.redis_url:
+        print("set MONGO_URL and REDIS_URL to the service's servers", file=sys.stderr)
         return 2
     client = store.connect(settings, settings.rollup_timeout_seconds)
+    redis = connect_redis(settings.redis_url)
     started = time.monotonic()
     bar = tqdm(unit="h", desc="backfill", file=sys.stderr, dynamic_ncols=True)
 
@@ -60,28 +64,28 @@ async def run(args: argparse.Namespace) -> int:
         bar.n = report.hours_done
         rate = report.events / max(time.monotonic() - started, 1e-6)
         bar.set_postfix(events=report.events, events_per_s=f"{rate:,.0f}",
-                        buckets=report.written)  # fmt: skip
+                        corrected=report.minutes_corrected)  # fmt: skip
         bar.refresh()
 
     try:
-        report = await backfill(
-            store.database(client, settings), settings, args.start, args.end,
-            account=args.account, dry_run=args.dry_run, progress=progress,
-        )  # fmt: skip
+        backfill = Backfill(store.database(client, settings), redis, settings)
+        report = await backfill.run(args.start, args.end, account=args.account,
+                                    dry_run=args.dry_run, progress=progress)  # fmt: skip
     except RangeRefused as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         await client.close()
+        await redis.aclose()
     bar.close()
     elapsed = time.monotonic() - started
-    verb = "would write" if args.dry_run else "written"
+    verb = "would correct" if args.dry_run else "corrected"
     print(
         f"backfill {'dry run ' if args.dry_run else ''}done: {report.hours_done} hours "
-        f"({report.hours_skipped} resumed past), {report.events} events, "
-        f"buckets {verb}: {report.written}, deleted: {report.deleted}, "
-        f"unchanged: {report.unchanged}, in {elapsed:.1f}s"
+        f"({report.hours_skipped} resumed past), {report.events} events recounted, "
+        f"{verb}: {report.minutes_corrected} minutes in {report.accounts_corrected} "
+        f"account-hours, in {elapsed:.1f}s"
     )
     return 0
 

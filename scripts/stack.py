@@ -3,8 +3,10 @@ and the benchmarks (one implementation for all three).
 
 - Redis is Debian's ``redis-server`` (installed with apt-get when missing and
   running as root), started on a free port, append-only file on.
-- FerretDB v1.24 (SQLite backend) is the small launcher in ``scripts/ferretdb``
-  built once per machine with Go into ``.cache/bin``.
+- The MongoDB-protocol server is FerretDB v1.24 on Debian's PostgreSQL: the
+  small launcher in ``scripts/ferretdb`` (built once per machine with Go into
+  ``.cache/bin``) in front of a ``postgres`` started on a free port, with the
+  store-specific index set-up of ``scripts/ferretdb/postgresql-setup.sql``.
 - ``REDIS_URL`` / ``MONGO_URL``, when set, name servers to use instead; then
   nothing is started.
 
@@ -23,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FERRETDB_SRC = ROOT / "scripts" / "ferretdb"
 FERRETDB_BIN = ROOT / ".cache" / "bin" / "ferretdb-launcher"
+POSTGRES_SETUP = FERRETDB_SRC / "postgresql-setup.sql"
+POSTGRES_USER = "postgres"  # Debian's package creates it; PostgreSQL refuses to run as root
+FERRETDB_DATABASE = "ferretdb"
 START_TIMEOUT = 30.0
 
 
@@ -75,6 +81,24 @@ def ensure_debian_package(binary: str, package: str, alternative: str) -> str:
 
 def ensure_redis_server() -> str:
     return ensure_debian_package("redis-server", "redis-server", ", or set REDIS_URL")
+
+
+def postgres_bin_dir() -> Path:
+    """Debian's PostgreSQL server binaries (``initdb``, ``postgres``), installed when missing."""
+
+    def newest() -> Path | None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                       key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                       else 0)  # fmt: skip
+        return found[-1].parent if found else None
+
+    if (found := newest()) and shutil.which("psql"):
+        return found
+    ensure_debian_package("pg_ctlcluster", "postgresql", ", or set MONGO_URL")
+    found = newest()
+    if not found:
+        raise StackError("apt-get installed postgresql but no /usr/lib/postgresql/*/bin/postgres")
+    return found
 
 
 def ensure_wrk() -> str:
@@ -183,16 +207,122 @@ class RedisServer(Server):
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+def _as_postgres_user() -> list[str]:
+    """A command prefix that drops root to the postgres user (exec, no extra process)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", f"--reuid={POSTGRES_USER}", f"--regid={POSTGRES_USER}",
+            "--init-groups", "--"]  # fmt: skip
+
+
+def _reachable_by_postgres(path: Path) -> bool:
+    """Whether every directory above ``path`` lets the postgres user through."""
+    if os.geteuid() != 0:
+        return True
+    return all(p.stat().st_mode & 0o001 for p in path.resolve().parents if p.exists())
+
+
+@dataclass(kw_only=True)
+class PostgresServer(Server):
+    """Debian's PostgreSQL, one cluster under ``data_dir``, trust auth on 127.0.0.1 only."""
+
+    name: str = "postgres"
+    temporary: bool = False  # data moved to a temp dir, removed by `remove_temporary`
+
+    def __post_init__(self) -> None:
+        if not _reachable_by_postgres(self.data_dir):
+            # e.g. pytest's 0700 temp dirs: PostgreSQL cannot run as root, and the
+            # postgres user cannot reach a data dir under them
+            self.data_dir = Path(tempfile.mkdtemp(prefix="events-service-postgres-"))
+            self.data_dir.chmod(0o755)
+            self.temporary = True
+
+    def remove_temporary(self) -> None:
+        if self.temporary:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    @property
+    def cluster(self) -> Path:
+        return self.data_dir / "cluster"
+
+    def _prepare(self) -> None:
+        bindir = postgres_bin_dir()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.data_dir, POSTGRES_USER, POSTGRES_USER)
+        if (self.cluster / "PG_VERSION").exists():
+            return
+        subprocess.run(
+            [*_as_postgres_user(), str(bindir / "initdb"), "-D", str(self.cluster),
+             "-U", POSTGRES_USER, "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"],
+            check=True, stdout=subprocess.DEVNULL, env={**os.environ, "LC_ALL": "C.UTF-8"},
+        )  # fmt: skip
+
+    def command(self) -> list[str]:
+        bindir = postgres_bin_dir()
+        return [
+            *_as_postgres_user(), str(bindir / "postgres"), "-D", str(self.cluster),
+            "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={self.cluster}",
+            # durability as shipped (fsync, synchronous_commit on): a 202 must
+            # survive a crash of the store too; JIT only slows short queries
+            "-c", "jit=off", "-c", "shared_buffers=256MB", "-c", "max_connections=200",
+            "-c", "max_wal_size=2GB", "-c", "wal_level=minimal", "-c", "max_wal_senders=0",
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        self._prepare()
+        super().start()
+        self._install_setup()
+
+    def _psql(self, *args: str, database: str = "postgres", script: str | None = None) -> None:
+        subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(self.port),
+             "-U", POSTGRES_USER, "-d", database, *args],
+            check=True, stdout=subprocess.DEVNULL, input=script, text=True,
+            env={**os.environ, "PGCONNECT_TIMEOUT": "10"},
+        )  # fmt: skip
+
+    def _install_setup(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:  # the port opens a moment before connections are accepted
+            try:
+                self._psql("-c", "SELECT 1")
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise StackError(f"postgres refused connections: {self.logfile}") from None
+                time.sleep(0.2)
+        name = FERRETDB_DATABASE
+        create = (
+            f"SELECT 'CREATE DATABASE {name}' WHERE NOT EXISTS "
+            f"(SELECT FROM pg_database WHERE datname = '{name}')\\gexec\n"
+        )
+        self._psql("-f", "-", script=create)
+        self._psql("-f", str(POSTGRES_SETUP), database=FERRETDB_DATABASE)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: does not wait for clients
+        super().stop(timeout)
+
+    @property
+    def url(self) -> str:
+        # force_custom_plan: with generic plans PostgreSQL stops using the GIN
+        # indexes after five executions of a prepared statement
+        return (f"postgres://{POSTGRES_USER}@127.0.0.1:{self.port}/{FERRETDB_DATABASE}"
+                "?plan_cache_mode=force_custom_plan&pool_max_conns=40")  # fmt: skip
+
+
 @dataclass(kw_only=True)
 class FerretDBServer(Server):
     name: str = "ferretdb"
+    postgresql_url: str
 
     def command(self) -> list[str]:
         binary = ensure_ferretdb()
-        return [
-            str(binary), "--listen", f"127.0.0.1:{self.port}",
-            "--sqlite-dir", str(self.data_dir.resolve() / "sqlite"),
-        ]  # fmt: skip
+        return [str(binary), "--listen", f"127.0.0.1:{self.port}",
+                "--postgresql-url", self.postgresql_url]  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -205,12 +335,13 @@ class Stack:
     mongo_url: str
     redis: RedisServer | None = None
     mongo: FerretDBServer | None = None
+    postgres: PostgresServer | None = None
 
     def env(self) -> dict[str, str]:
         return {"REDIS_URL": self.redis_url, "MONGO_URL": self.mongo_url}
 
     def stop(self) -> None:
-        for server in (self.redis, self.mongo):
+        for server in (self.redis, self.mongo, self.postgres):
             if server:
                 server.stop()
 
@@ -219,28 +350,35 @@ class Stack:
 def running_stack(var_dir: Path, redis_url: str = "", mongo_url: str = "") -> Iterator[Stack]:
     """Start what is not given by URL under ``var_dir``; stop it on exit."""
     redis = None if redis_url else RedisServer(data_dir=var_dir / "redis")
-    mongo = None if mongo_url else FerretDBServer(data_dir=var_dir / "ferretdb")
+    postgres = None if mongo_url else PostgresServer(data_dir=var_dir / "postgres")
+    mongo = None
     try:
         if redis:
             redis.start()
             log(f"redis-server on {redis.url} (data in {redis.data_dir})")
-        if mongo:
+        if postgres:
+            postgres.start()
+            log(f"PostgreSQL on 127.0.0.1:{postgres.port} (data in {postgres.data_dir})")
+            mongo = FerretDBServer(data_dir=var_dir / "ferretdb", postgresql_url=postgres.url)
             mongo.start()
-            log(f"FerretDB on {mongo.url} (data in {mongo.data_dir})")
+            log(f"FerretDB on {mongo.url}")
         yield Stack(
             redis_url=redis_url or (redis.url if redis else ""),
             mongo_url=mongo_url or (mongo.url if mongo else ""),
             redis=redis,
             mongo=mongo,
+            postgres=postgres,
         )
     finally:
-        for server in (redis, mongo):
+        for server in (redis, mongo, postgres):
             if server:
                 server.stop()
+        if postgres:
+            postgres.remove_temporary()
 
 
 def exec_with_stack(command: Sequence[str]) -> int:
-    from service.config import load_settings
+    from core.settings import load_settings
 
     settings = load_settings()
     with running_stack(settings.var_dir, settings.redis_url, settings.mongo_url) as stack:
@@ -264,13 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="verb", required=True)
-    sub.add_parser("setup", help="install redis-server and build FerretDB if missing")
+    sub.add_parser("setup", help="install redis-server and PostgreSQL, build FerretDB if missing")
     run = sub.add_parser("exec", help="start the servers, run a command, stop them")
     run.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     try:
         if args.verb == "setup":
             ensure_redis_server()
+            postgres_bin_dir()
             ensure_ferretdb()
             return 0
         command = args.command[1:] if args.command[:1] == ["--"] else args.command

@@ -1,9 +1,19 @@
-"""The flusher: stream entries in, raw events out to MongoDB, ack after the write.
+"""The flusher: stream entries in, raw events out to MongoDB, acknowledged after the write.
 
 Exactly-once storage comes from two facts: an entry is acknowledged only after
 its events are in MongoDB, and the write is idempotent (``_id`` is
-``account_id|event_id``, duplicate-key errors count as success). So any crash
-or outage at any point means a redo, never a loss or a double count.
+``account_id|event_id``; a duplicate key counts as success). So a crash or an
+outage at any point means a redo, never a loss or a double.
+
+Exactly-once *counting* comes from what the acknowledgement carries: the
+events this entry newly stored, appended to the accounts' live tails in the
+same atomic Redis script as the XACK (``core/tail.py``). On an entry's first
+delivery those are the documents the insert did not report as duplicates; an
+entry read before (recovered, reclaimed, or retried after a failed write) may
+have stored some of them on an earlier attempt, so its events are read back by
+their ``batch`` field instead. Either way an event is counted by the one entry
+that stored it, and an entry another flusher has claimed meanwhile is not
+acknowledged (nor counted) here.
 """
 
 from __future__ import annotations
@@ -12,315 +22,283 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
 from typing import TypeVar
 
 import msgspec
-import pymongo
-from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import (
-    AutoReconnect,
-    BulkWriteError,
-    ConnectionFailure,
-    ExecutionTimeout,
-    NetworkTimeout,
-    PyMongoError,
-    ServerSelectionTimeoutError,
-    WTimeoutError,
-)
+from pymongo.errors import BulkWriteError, PyMongoError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service import metrics, queue, store
-from service.config import Settings
-from service.events import decode_events, to_document
-from service.processes import run_process, stop_on_signals
-from service.queue import Consumer, Entry
-from service.store import Document
+from core import keys, metrics, store, tail
+from core.buckets import ms
+from core.events import decode_events, to_document
+from core.settings import Settings
+from core.store import Document
+from core.worker import Worker, run_worker
+from service.queue import Consumer, Entry, Retirement
 
-log = logging.getLogger("service.flusher")
+log = logging.getLogger(__name__)
 
-TRANSIENT_MONGO = (
-    AutoReconnect,
-    ConnectionFailure,
-    ExecutionTimeout,
-    NetworkTimeout,
-    ServerSelectionTimeoutError,
-    WTimeoutError,
-)
 TRANSIENT_REDIS = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_BACKOFF = 5.0
-SHUTDOWN_GRACE_BACKOFF = 1.6  # ~3 s of retries after a stop request
-RETENTION_SWEEP_SECONDS = 600.0
 CLAIM_EVERY_SECONDS = 5.0
-RECENT_PRUNE_SECONDS = 30.0
-HOUSEKEEPING_TIMEOUT_SECONDS = 300.0
+ENTRIES_PER_READ = 100
+READ_BACK_FIELDS = {"_id": 0, "account_id": 1, "type": 1, "user_id": 1, "timestamp": 1}
 
 T = TypeVar("T")
 
 
-class Flusher:
-    def __init__(
-        self,
-        consumer: Consumer,
-        events: AsyncCollection[Document],
-        settings: Settings,
-        stop: asyncio.Event,
-    ) -> None:
-        self._consumer = consumer
-        self._events = events
-        self._settings = settings
-        self._stop = stop
-        self._failures: dict[bytes, int] = {}
-        self._ttl_index = False
+class Permanent(Exception):
+    """MongoDB refused an entry's documents for a reason retrying cannot fix."""
+
+
+class StoppedWhileRetrying(Exception):
+    """Shutdown came while a server was unreachable; unacknowledged entries stay queued."""
+
+
+@dataclass
+class Batch:
+    """One decoded entry and its documents."""
+
+    entry: Entry
+    docs: list[Document]
+
+
+def consumer_name(settings_instance: str, slot: int) -> str:
+    """Unique per host and flusher slot, and the same after that flusher restarts."""
+    return f"{settings_instance}:flusher-{slot}"
+
+
+class Flusher(Worker):
+    role = "flusher"
+
+    def __init__(self, settings: Settings, slot: int = 0) -> None:
+        super().__init__(settings)
+        self.name = consumer_name(settings.instance, slot)
+        parts = keys.partitions(settings)
+        # flushers of different slots start on different partitions
+        parts = parts[slot % len(parts) :] + parts[: slot % len(parts)]
+        self.consumers = [Consumer(self.redis, p, self.name, settings) for p in parts]
+        self._failures: dict[str, int] = {}
         self._last_claim = 0.0
 
-    async def run(self) -> None:
+    async def startup(self) -> None:
+        for consumer in self.consumers:
+            await consumer.ensure_group()
+        await store.ensure_event_indexes(self.db, self.settings)
+
+    async def main(self) -> None:
         try:
-            await self._run()
-        except _StoppedWhileRetrying as exc:
+            for consumer in self.consumers:
+                await self._drain(consumer, consumer.read_own_pending)
+            lanes = [self._lane(i) for i in range(self.settings.flush_concurrency)]
+            await asyncio.gather(*lanes)
+        except StoppedWhileRetrying as exc:
             log.warning("stopped while retrying %s; unacknowledged entries stay queued", exc)
 
-    async def _run(self) -> None:
-        await self._retry("start-up", self._prepare)
-        # deletes can take seconds on a big collection; they must not stall flushing
-        housekeeping = asyncio.create_task(self._housekeep())
-        try:
-            await self._drain(self._consumer.read_own_pending)
-            while not self._stop.is_set():
+    async def _lane(self, lane: int) -> None:
+        """One flush in flight at a time per lane; lanes overlap their writes."""
+        turn = lane
+        while not self.stopping.is_set():
+            consumer = self.consumers[turn % len(self.consumers)]
+            turn += 1
+            if lane == 0:
                 await self._claim_if_due()
-                entries = await self._retry("read", self._collect)
-                if entries:
-                    await self.flush(entries)
-        finally:
-            housekeeping.cancel()
-        log.info("flusher stopped cleanly")
+            entries = await self._retry("read", partial(self._collect, consumer))
+            if entries:
+                await self.flush(consumer, entries)
 
-    async def _prepare(self) -> None:
-        await self._consumer.ensure_group()
-        db = self._events.database
-        self._ttl_index = await store.ensure_event_indexes(db, self._settings)
-        # before the first write: readers trust events_recent only from here on
-        await store.mark_recent_copy(db, self._settings.recent_copy, datetime.now(UTC))
-
-    async def _drain(self, read: Callable[[int], Awaitable[list[Entry]]]) -> None:
+    async def _drain(
+        self, consumer: Consumer, read: Callable[[int], Awaitable[list[Entry]]]
+    ) -> None:
         """Flush what an earlier run (or a dead consumer) left unacknowledged."""
-        while not self._stop.is_set():
-            entries = await self._retry("read pending", lambda: read(self._entries_per_read(0)))
+        while not self.stopping.is_set():
+            entries = await self._retry("read pending", lambda: read(ENTRIES_PER_READ))
             if not entries:
                 return
             log.info("recovering %d unacknowledged stream entries", len(entries))
-            await self.flush(entries)
+            await self.flush(consumer, entries)
 
     async def _claim_if_due(self) -> None:
         if time.monotonic() - self._last_claim < CLAIM_EVERY_SECONDS:
             return
         self._last_claim = time.monotonic()
-        await self._drain(self._consumer.claim_abandoned)
+        for consumer in self.consumers:
+            await self._drain(consumer, consumer.claim_abandoned)
 
-    async def _collect(self) -> list[Entry]:
+    async def _collect(self, consumer: Consumer) -> list[Entry]:
         """Read until a full batch or the flush interval, whichever comes first."""
-        s = self._settings
+        s = self.settings
         deadline = time.monotonic() + s.flush_interval_ms / 1000
         entries: list[Entry] = []
         events = 0
-        while events < s.flush_batch_size and not self._stop.is_set():
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
+        # with several partitions a lane must not sit on one of them
+        max_block = s.flush_interval_ms if len(self.consumers) == 1 else 50
+        while events < s.flush_batch_size and not self.stopping.is_set():
+            remaining_ms = min(max_block, int((deadline - time.monotonic()) * 1000))
             if remaining_ms <= 0:
                 break
-            got = await self._consumer.read_new(self._entries_per_read(events), remaining_ms)
-            if not got and entries:
+            wanted = max(1, min(ENTRIES_PER_READ, s.flush_batch_size - events))
+            got = await consumer.read_new(wanted, remaining_ms)
+            if not got and (entries or len(self.consumers) > 1):
                 break
             entries.extend(got)
             events += sum(e.count for e in got)
         return entries
 
-    def _entries_per_read(self, events_so_far: int) -> int:
-        return max(1, min(100, self._settings.flush_batch_size - events_so_far))
-
-    async def flush(self, entries: list[Entry]) -> None:
-        """Store the entries' events, then ack them; never returns having lost any."""
-        good, docs_by_entry, bad = self._decode(entries)
-        for entry, reason in bad:
-            await self._dead_letter(entry, reason)
-        if not good:
-            return
-        try:
-            await self._write_and_ack(good, docs_by_entry)
-        except _Permanent as exc:
-            if len(good) == 1:
-                await self._count_failure(good[0], exc.reason)
-                return
-            # isolate the bad entry so the others are not held back by it
-            for entry in good:
-                try:
-                    await self._write_and_ack([entry], docs_by_entry)
-                except _Permanent as single:
-                    await self._count_failure(entry, single.reason)
-
-    def _decode(
-        self, entries: list[Entry]
-    ) -> tuple[list[Entry], dict[bytes, list[Document]], list[tuple[Entry, str]]]:
-        good: list[Entry] = []
-        docs: dict[bytes, list[Document]] = {}
-        bad: list[tuple[Entry, str]] = []
+    async def flush(self, consumer: Consumer, entries: list[Entry]) -> None:
+        """Store the entries' events, then retire them; never returns having lost any."""
+        batches: list[Batch] = []
+        undecodable: list[Retirement] = []
         now = datetime.now(UTC)
         for entry in entries:
             try:
                 events = decode_events(entry.body)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                bad.append((entry, f"undecodable entry: {exc}"))
+                undecodable.append(Retirement(entry, dead_reason=f"undecodable entry: {exc}"))
                 continue
-            docs[entry.entry_id] = [to_document(e, now) for e in events]
-            good.append(entry)
-        return good, docs, bad
+            batches.append(Batch(entry, [to_document(e, entry.batch_id, now) for e in events]))
+        if undecodable:
+            await self._retire(consumer, undecodable)
+        if not batches:
+            return
+        try:
+            await self._store_and_retire(consumer, batches)
+        except Permanent:
+            # isolate the bad entry so the others are not held back by it
+            for batch in batches:
+                try:
+                    await self._store_and_retire(consumer, [batch])
+                except Permanent as exc:
+                    await self._count_failure(consumer, batch, str(exc))
 
-    async def _write_and_ack(
-        self, entries: list[Entry], docs_by_entry: dict[bytes, list[Document]]
-    ) -> None:
-        docs = [d for e in entries for d in docs_by_entry[e.entry_id]]
+    async def _store_and_retire(self, consumer: Consumer, batches: list[Batch]) -> None:
         started = time.perf_counter()
-        inserted = await self._retry("insert", lambda: self._insert(docs))
-        await self._retry("ack", lambda: self._consumer.acknowledge(entries))
+        docs = [d for b in batches for d in b.docs]
+        first_attempt = True
+        new: set[int] = set()
+
+        async def insert() -> None:
+            nonlocal first_attempt, new
+            try:
+                new = await self._insert(docs)
+            except BaseException:
+                first_attempt = False  # some may be in: read back what each entry stored
+                raise
+
+        await self._retry("insert", insert)
+        retirements: list[Retirement] = []
+        counted: list[int] = []
+        offset = 0
+        for batch in batches:
+            size = len(batch.docs)
+            if first_attempt and not batch.entry.redelivered:
+                stored = [
+                    batch.docs[i - offset] for i in sorted(new) if offset <= i < offset + size
+                ]
+            else:
+                stored = await self._retry("read back", partial(self._read_back, batch.entry))
+            retirements.append(Retirement(batch.entry, tails_of(stored)))
+            counted.append(len(stored))
+            offset += size
+        retired = await self._retire(consumer, retirements)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.FLUSH_BATCH_EVENTS.observe(len(docs))
-        metrics.EVENTS_STORED.inc(inserted)
-        metrics.EVENTS_DUPLICATE.inc(len(docs) - inserted)
-        for entry in entries:
-            self._failures.pop(entry.entry_id, None)
+        stored_here = sum(n for n, ok in zip(counted, retired, strict=True) if ok)
+        metrics.EVENTS_STORED.inc(stored_here)
+        metrics.EVENTS_DUPLICATE.inc(max(0, len(docs) - stored_here))
+        for batch in batches:
+            self._failures.pop(batch.entry.batch_id, None)
 
-    async def _insert(self, docs: list[Document]) -> int:
-        # a fresh ingested_at per attempt: a retried write must not land
-        # behind the rollup watermark it was stamped for
-        now = datetime.now(UTC)
-        for doc in docs:
-            doc["ingested_at"] = now
+    async def _insert(self, docs: list[Document]) -> set[int]:
         try:
-            inserted = await store.insert_events(self._events, docs)
-            if self._settings.recent_copy:
-                await store.insert_events(store.recent(self._events.database), docs)
-            return inserted
-        except TRANSIENT_MONGO:
-            raise
+            return await store.insert_new(store.events(self.db), docs)
         except BulkWriteError as exc:
             errors = [e for e in exc.details.get("writeErrors", [])
                       if e.get("code") != store.DUPLICATE_KEY]  # fmt: skip
             reason = errors[0].get("errmsg", str(exc)) if errors else str(exc)
-            raise _Permanent(f"MongoDB refused the write: {reason}") from exc
+            raise Permanent(f"MongoDB refused the write: {reason}") from exc
         except (PyMongoError, ValueError, TypeError, OverflowError) as exc:
-            if _is_transient(exc):
+            if store.is_transient(exc):
                 raise
-            raise _Permanent(f"MongoDB refused the write: {exc}") from exc
+            raise Permanent(f"MongoDB refused the write: {exc}") from exc
 
-    async def _count_failure(self, entry: Entry, reason: str) -> None:
-        attempts = self._failures.get(entry.entry_id, 0) + 1
-        self._failures[entry.entry_id] = attempts
+    async def _read_back(self, entry: Entry) -> list[Document]:
+        """The events stored under this entry, by whichever attempt stored them."""
+        found = store.events(self.db).find({"batch": entry.batch_id}, READ_BACK_FIELDS)
+        return await found.to_list(None)
+
+    async def _retire(self, consumer: Consumer, retirements: list[Retirement]) -> list[bool]:
+        retired = await self._retry("acknowledge", lambda: consumer.retire(retirements))
+        for r, ok in zip(retirements, retired, strict=True):
+            if not ok:
+                metrics.ENTRIES_CLAIMED_AWAY.inc()
+                log.warning("entry %s was claimed by another flusher meanwhile; it counts it",
+                            r.entry.batch_id)  # fmt: skip
+            elif r.dead_reason:
+                metrics.DEAD_LETTERED.inc()
+                log.error("entry %s moved to %s: %s", r.entry.batch_id, consumer.partition.dead,
+                          r.dead_reason)  # fmt: skip
+        return retired
+
+    async def _count_failure(self, consumer: Consumer, batch: Batch, reason: str) -> None:
+        key = batch.entry.batch_id
+        attempts = self._failures.get(key, 0) + 1
+        self._failures[key] = attempts
         metrics.FLUSH_ERRORS.labels("permanent").inc()
-        log.warning(
-            "entry %s failed (%d/%d): %s",
-            entry.entry_id,
-            attempts,
-            self._settings.dead_letter_after,
-            reason,
-        )
-        if attempts >= self._settings.dead_letter_after:
-            await self._dead_letter(entry, reason)
-            self._failures.pop(entry.entry_id, None)
-        else:
+        log.warning("entry %s failed (%d/%d): %s", key, attempts,
+                    self.settings.dead_letter_after, reason)  # fmt: skip
+        if attempts < self.settings.dead_letter_after:
             await asyncio.sleep(min(MAX_BACKOFF, 0.1 * 2**attempts))
-
-    async def _dead_letter(self, entry: Entry, reason: str) -> None:
-        await self._retry("dead-letter", lambda: self._consumer.dead_letter(entry, reason))
-        metrics.DEAD_LETTERED.inc()
-        log.error(
-            "entry %s moved to %s: %s", entry.entry_id, self._settings.dead_letter_key, reason
-        )
+            return
+        # whatever of it did get stored still counts: read it back
+        stored = await self._retry("read back", lambda: self._read_back(batch.entry))
+        await self._retire(consumer, [Retirement(batch.entry, tails_of(stored), reason)])
+        self._failures.pop(key, None)
 
     async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
         """Run until it succeeds; transient server errors only cost time.
 
-        While stopping, give up after a grace period: what is not acknowledged
-        stays pending in the stream and the next start recovers it.
+        While stopping, give up after the shutdown grace: what is not
+        acknowledged stays pending in the stream and the next start recovers it.
         """
         delay = 0.1
+        give_up_at: float | None = None
         while True:
-            if self._stop.is_set() and delay >= SHUTDOWN_GRACE_BACKOFF:
-                raise _StoppedWhileRetrying(what)
+            if self.stopping.is_set():
+                give_up_at = give_up_at or time.monotonic() + self.settings.shutdown_grace_seconds
+                if time.monotonic() >= give_up_at:
+                    raise StoppedWhileRetrying(what)
             try:
                 return await action()
-            except (*TRANSIENT_MONGO, *TRANSIENT_REDIS) as exc:
-                metrics.FLUSH_ERRORS.labels("transient").inc()
-                log.warning(
-                    "%s failed (%s: %s); retrying in %.1fs", what, type(exc).__name__, exc, delay
-                )
+            except TRANSIENT_REDIS as exc:
+                problem = f"{type(exc).__name__}: {exc}"
             except PyMongoError as exc:
-                if not _is_transient(exc):
+                if not store.is_transient(exc):
                     raise
-                metrics.FLUSH_ERRORS.labels("transient").inc()
-                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+                problem = f"{type(exc).__name__}: {exc}"
+            metrics.FLUSH_ERRORS.labels("transient").inc()
+            log.warning("%s failed (%s); retrying in %.1fs", what, problem, delay)
             await asyncio.sleep(delay)
             delay = min(MAX_BACKOFF, delay * 2)
 
-    async def _housekeep(self) -> None:
-        """Prune ``events_recent``; expire raw events where there is no TTL index."""
-        last_sweep = -RETENTION_SWEEP_SECONDS  # the first round sweeps
-        while True:
-            await asyncio.sleep(RECENT_PRUNE_SECONDS)
-            now = datetime.now(UTC)
-            await self._delete(
-                "pruning events_recent", store.prune_recent, self._events.database, now
-            )
-            if self._ttl_index or time.monotonic() - last_sweep < RETENTION_SWEEP_SECONDS:
-                continue
-            last_sweep = time.monotonic()
-            cutoff = now - timedelta(days=self._settings.raw_retention_days)
-            deleted = await self._delete(
-                "retention sweep", store.delete_expired_events, self._events, cutoff
-            )
-            if deleted:
-                log.info("retention: deleted %d raw events older than %s", deleted, cutoff)
 
-    async def _delete(
-        self, what: str, delete: Callable[[T, datetime], Awaitable[int]], target: T, when: datetime
-    ) -> int:
-        try:
-            # a longer deadline than the write path's: a scan of a big collection is slow
-            with pymongo.timeout(HOUSEKEEPING_TIMEOUT_SECONDS):
-                return await delete(target, when)
-        except PyMongoError as exc:
-            log.warning("%s failed: %s", what, exc)
-            return 0
+def tails_of(docs: list[Document]) -> dict[str, bytes]:
+    """Stored event documents as tail blobs, one per account."""
+    per_account: dict[str, tail.TailEvents] = {}
+    for doc in docs:
+        events = per_account.get(doc["account_id"])
+        if events is None:
+            events = per_account[doc["account_id"]] = tail.TailEvents([], [], [])
+        events.ts.append(ms(doc["timestamp"]))
+        events.types.append(doc["type"])
+        events.users.append(doc["user_id"])
+    return {account: tail.encode(events) for account, events in per_account.items()}
 
 
-class _StoppedWhileRetrying(Exception):
-    """Shutdown came while a server was unreachable; pending entries stay queued."""
-
-
-class _Permanent(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-def _is_transient(exc: BaseException) -> bool:
-    labels = getattr(exc, "has_error_label", None)
-    if labels and (labels("RetryableWriteError") or labels("TransientTransactionError")):
-        return True
-    return isinstance(exc, TRANSIENT_MONGO)
-
-
-async def serve(settings: Settings) -> None:
-    stop = stop_on_signals()
-    redis = queue.connect(settings.redis_url)
-    mongo = store.connect(settings)
-    try:
-        coll = store.events(store.database(mongo, settings))
-        await Flusher(Consumer(redis, settings), coll, settings, stop).run()
-    finally:
-        await redis.aclose()
-        await mongo.close()
-
-
-def flusher_process(settings: Settings) -> None:
-    """Entry point of the managed ``flusher`` process."""
-    run_process("flusher", serve(settings))
+def flusher_process(settings: Settings, slot: int = 0) -> None:
+    """Entry point of a managed ``flusher`` process."""
+    run_worker(Flusher.role, lambda: Flusher(settings, slot), settings)

@@ -1,4 +1,4 @@
-"""POST /events: authenticate, validate the whole batch, enqueue it, answer.
+"""POST /events: authenticate, validate the whole batch, enqueue it, answer 202.
 
 202 is sent only after Redis has acknowledged the XADD; any refusal stores
 nothing, because the batch is a single stream entry written last.
@@ -11,11 +11,23 @@ from datetime import timedelta
 from redis.exceptions import RedisError
 from sanic import HTTPResponse, Request
 
-from service import metrics
-from service.config import Settings
-from service.events import InvalidJSON, Limits, now_utc, validate_batch
+from core import metrics
+from core.events import Event, Limits, NotJSON, now_utc, validate_batch
+from core.settings import Settings
+from service.auth import authenticate, authorize
+from service.errors import (
+    ApiError,
+    BodyTooLarge,
+    InvalidJSON,
+    QueueFull,
+    RateLimited,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+    client_input,
+)
 from service.queue import QUEUE_FULL, RATE_LIMITED, Producer
-from service.responses import error_response, json_response
+from service.responses import json_response
 
 JSON_TYPES = ("application/json",)
 
@@ -30,16 +42,6 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
-def api_key_of(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
-    if key:
-        return str(key)
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return str(auth[7:].strip()) or None
-    return None
-
-
 def client_of(request: Request, key: str | None) -> str:
     """Who a rate limit counts against: the API key, else the peer address."""
     return key or request.remote_addr or request.ip or "anonymous"
@@ -50,99 +52,56 @@ def is_json(request: Request) -> bool:
     return content_type.split(";", 1)[0].strip().lower() in JSON_TYPES
 
 
-def _reject(reason: str, events: int, response: HTTPResponse) -> HTTPResponse:
-    metrics.REQUESTS_REJECTED.labels(reason).inc()
-    if events:
-        metrics.EVENTS_REJECTED.labels(reason).inc(events)
-    return response
+def validated(request: Request, settings: Settings) -> list[Event]:
+    """The request's events, all valid, or the reason none of them is taken."""
+    if not is_json(request):
+        raise UnsupportedMediaType("send the batch as Content-Type: application/json")
+    body = request.body
+    if len(body) > settings.max_body_bytes:
+        raise BodyTooLarge(f"the body may be at most {settings.max_body_bytes} bytes")
+    with client_input("the body"):
+        try:
+            events, problems = validate_batch(body, request.app.ctx.limits, now_utc())
+        except NotJSON as exc:
+            raise InvalidJSON(f"the body is not valid JSON: {exc}") from None
+    if problems:
+        raise ValidationFailed(problems)
+    return events
+
+
+async def enqueue(
+    request: Request, settings: Settings, events: list[Event], key: str | None
+) -> None:
+    producer: Producer = request.app.ctx.producer
+    client_id = client_of(request, key) if settings.rate_limit_events_per_second else ""
+    retry = settings.retry_after_seconds
+    try:
+        outcome = await producer.enqueue(request.body, len(events), events[0].account_id,
+                                         client_id)  # fmt: skip
+    except (RedisError, OSError) as exc:
+        # the XADD may or may not have been applied: a retry is safe (dedupe key)
+        raise Unavailable(
+            "the queue is unreachable; retry later (re-sending is safe)", retry
+        ) from exc
+    if outcome == QUEUE_FULL:
+        raise QueueFull("the ingest queue is full; retry later", retry)
+    if outcome == RATE_LIMITED:
+        limit = settings.rate_limit_events_per_second
+        raise RateLimited(f"more than {limit} events/s for this client", retry)
 
 
 async def post_events(request: Request) -> HTTPResponse:
     settings: Settings = request.app.ctx.settings
-    retry_after = {"Retry-After": str(settings.retry_after_seconds)}
-    key = api_key_of(request)
-    if settings.api_keys and (key is None or key not in settings.api_keys):
-        return _reject(
-            "unauthorized",
-            0,
-            error_response(
-                401, "unauthorized", "send a valid API key in X-API-Key or Authorization: Bearer"
-            ),
-        )
-    if not is_json(request):
-        return _reject(
-            "unsupported_media_type",
-            0,
-            error_response(
-                415, "unsupported_media_type", "send the batch as Content-Type: application/json"
-            ),
-        )
-    body = request.body
-    if len(body) > settings.max_body_bytes:
-        return _reject(
-            "body_too_large",
-            0,
-            error_response(
-                413, "body_too_large", f"the body may be at most {settings.max_body_bytes} bytes"
-            ),
-        )
+    events: list[Event] = []
     try:
-        events, problems = validate_batch(body, request.app.ctx.limits, now_utc())
-    except InvalidJSON as exc:
-        return _reject(
-            "invalid_json",
-            0,
-            error_response(400, "invalid_json", f"the body is not valid JSON: {exc}"),
-        )
-    if problems:
-        return _reject(
-            "validation_failed",
-            len(events),
-            json_response({"error": "validation_failed", "details": problems}, 400),
-        )
-    if settings.api_keys:
-        denied = sorted(
-            {e.account_id for e in events if not settings.api_key_allows(key, e.account_id)}
-        )
-        if denied:
-            return _reject(
-                "forbidden",
-                len(events),
-                error_response(
-                    403,
-                    "forbidden",
-                    "this API key may not write to these accounts",
-                    accounts=denied[:50],
-                ),
-            )
-    producer: Producer = request.app.ctx.producer
-    client_id = client_of(request, key) if settings.rate_limit_events_per_second else ""
-    try:
-        outcome = await producer.enqueue(body, len(events), client_id)
-    except (RedisError, OSError):
-        return _reject(
-            "redis_unavailable",
-            len(events),
-            error_response(
-                503, "unavailable", "the queue is unreachable; retry later", retry_after
-            ),
-        )
-    if outcome == QUEUE_FULL:
-        return _reject(
-            "overloaded",
-            len(events),
-            error_response(503, "overloaded", "the ingest queue is full; retry later", retry_after),
-        )
-    if outcome == RATE_LIMITED:
-        return _reject(
-            "rate_limited",
-            len(events),
-            error_response(
-                429,
-                "rate_limited",
-                f"more than {settings.rate_limit_events_per_second} events/s for this client",
-                retry_after,
-            ),
-        )
+        key = authenticate(request, settings)
+        events = validated(request, settings)
+        authorize(settings, key, {e.account_id for e in events}, "write")
+        await enqueue(request, settings, events, key)
+    except ApiError as exc:
+        metrics.REQUESTS_REJECTED.labels(exc.error).inc()
+        if events:
+            metrics.EVENTS_REJECTED.labels(exc.error).inc(len(events))
+        raise
     metrics.EVENTS_ACCEPTED.inc(len(events))
     return json_response({"status": "queued", "count": len(events)}, 202)

@@ -6,12 +6,11 @@ import asyncio
 
 from sanic import HTTPResponse, Request
 
-from service import metrics
-from service.config import Settings
-from service.metrics import Live
-from service.processes import role_of
-from service.queue import GROUP
+from core import keys, metrics
+from core.metrics import Live
+from core.settings import Settings
 from service.responses import json_response
+from service.watchdog import role_of
 
 PROBE_TIMEOUT = 2.0
 
@@ -44,33 +43,54 @@ async def ready(request: Request) -> HTTPResponse:
     }
     if redis_ok and mongo_ok:
         return json_response(body)
-    return json_response(body, 503, {"Retry-After": "1"})
+    retry = str(request.app.ctx.settings.retry_after_seconds)
+    return json_response(body, 503, {"Retry-After": retry})
 
 
 async def _queue_figures(request: Request) -> dict[str, Live]:
     settings: Settings = request.app.ctx.settings
     redis = request.app.ctx.redis
+    parts = keys.partitions(settings)
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.get(settings.queue_depth_key)
-            pipe.xlen(settings.stream_key)
-            pipe.xlen(settings.dead_letter_key)
-            pipe.xpending(settings.stream_key, GROUP)
-            depth, entries, dead, pending = await asyncio.wait_for(
-                pipe.execute(raise_on_error=False), PROBE_TIMEOUT
-            )
+            for part in parts:
+                pipe.get(part.depth)
+                pipe.xlen(part.stream)
+                pipe.xlen(part.dead)
+                pipe.xpending(part.stream, keys.GROUP)
+                pipe.scard(part.dirty)
+            replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT)
     except Exception:
         return {"redis_up": Live("Whether Redis answered this scrape", 0)}
-    pending_count = pending.get("pending", 0) if isinstance(pending, dict) else 0
+    depth: dict[str, float] = {}
+    entries: dict[str, float] = {}
+    dead: dict[str, float] = {}
+    pending: dict[str, float] = {}
+    dirty: dict[str, float] = {}
+    for i, part in enumerate(parts):
+        d, n, dl, p, dirt = replies[5 * i : 5 * i + 5]
+        label = str(part.index)
+        depth[label] = _number(d)
+        entries[label] = _number(n)
+        dead[label] = _number(dl)
+        pending[label] = float(p.get("pending", 0)) if isinstance(p, dict) else 0.0
+        dirty[label] = _number(dirt)
     return {
         "redis_up": Live("Whether Redis answered this scrape", 1),
-        "queue_depth_events": Live("Accepted events not yet stored in MongoDB", int(depth or 0)),
-        "queue_stream_entries": Live("Batches in the ingest stream", int(entries)),
+        "queue_depth_events": Live("Accepted events not yet stored in MongoDB", depth, "partition"),
+        "queue_stream_entries": Live("Batches in the ingest stream", entries, "partition"),
         "queue_pending_entries": Live(
-            "Batches read by the flusher, not yet acknowledged", pending_count
+            "Batches read by a flusher, not yet acknowledged", pending, "partition"
         ),
-        "dead_letter_entries": Live("Batches parked in the dead-letter stream", int(dead)),
+        "dead_letter_entries": Live("Batches parked in the dead-letter stream", dead, "partition"),
+        "rollup_dirty_accounts": Live(
+            "Accounts with stored events not yet rolled up", dirty, "partition"
+        ),
     }
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float, bytes, str)) and value else 0.0
 
 
 def _process_figures(request: Request) -> dict[str, Live]:

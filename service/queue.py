@@ -1,14 +1,15 @@
-"""The Redis stream between the HTTP workers and the flusher.
+"""The Redis streams between the HTTP workers and the flushers.
 
-One stream entry per accepted batch (fields ``n`` = event count, ``b`` = the
-validated request body). A batch is all-or-nothing anyway, so one entry keeps
-that atomic for free, costs one XADD per request instead of one per event, and
-lets the flusher decode a whole batch in one msgspec call; see
-``scripts/bench_queue.py`` for the measured difference.
+One stream entry per accepted batch (fields ``count`` and ``body``, the
+validated request body): a batch is all-or-nothing anyway, so one entry keeps
+that atomic for free, costs one XADD per request, and lets the flusher decode
+a whole batch in one msgspec call (``scripts/bench_queue.py``).
 
-A counter next to the stream holds the number of events not yet stored; the
+A counter beside each stream holds the events accepted but not yet stored. The
 enqueue script checks it against the bound and adds the entry in one atomic
-step, and the flusher decrements it in the same transaction as its XACK.
+step; the acknowledge script decrements it only for an entry it really
+acknowledged, so the counter always equals the events still pending, however
+often an entry is redelivered or reclaimed.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from service.config import Settings
-
-GROUP = "flusher"
+from core.keys import GROUP, Partition, partition_of
+from core.settings import Settings
 
 # KEYS: stream, depth counter, rate-limit key ("" when off)
 # ARGV: events in this batch, body, queue bound, rate limit per second
@@ -37,7 +38,7 @@ if tonumber(ARGV[4]) > 0 then
 end
 local depth = tonumber(redis.call('GET', KEYS[2]) or '0')
 if depth > 0 and depth + n > tonumber(ARGV[3]) then return -1 end
-redis.call('XADD', KEYS[1], '*', 'n', ARGV[1], 'b', ARGV[2])
+redis.call('XADD', KEYS[1], '*', 'count', ARGV[1], 'body', ARGV[2])
 redis.call('INCRBY', KEYS[2], n)
 if tonumber(ARGV[4]) > 0 then
   redis.call('INCRBY', KEYS[3], n)
@@ -48,11 +49,47 @@ return 1
 
 QUEUED, QUEUE_FULL, RATE_LIMITED = 1, -1, -2
 
-
-def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
-    )
+# Retire entries this consumer still owns: acknowledge, delete, shrink the
+# depth counter, append the events each one newly stored to the accounts'
+# tails (and mark those accounts dirty for the rollup job), optionally park the
+# entry in the dead-letter stream. An entry another consumer has claimed
+# meanwhile is left alone: its new owner stores and counts it, so counting it
+# here too would count it twice.
+#
+# KEYS: stream, depth, dirty set, dead-letter stream, then the tail keys
+# ARGV: group, consumer, number of entries, then per entry:
+#   id, event count, dead-letter reason ("" = none), body ("" unless dead-lettered),
+#   number of tails k, then k times: tail key index (into KEYS), account, events blob
+# returns per entry 1 (retired here) or 0 (no longer ours)
+_RETIRE = """
+local group, consumer = ARGV[1], ARGV[2]
+local pos = 4
+local out = {}
+for e = 1, tonumber(ARGV[3]) do
+  local id, count, reason, body = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3]
+  local tails = tonumber(ARGV[pos + 4])
+  pos = pos + 5
+  local owned = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
+  if #owned == 1 and redis.call('XACK', KEYS[1], group, id) == 1 then
+    redis.call('XDEL', KEYS[1], id)
+    redis.call('DECRBY', KEYS[2], count)
+    if reason ~= '' then
+      redis.call('XADD', KEYS[4], '*', 'count', count, 'body', body, 'reason', reason,
+                 'source_id', id)
+    end
+    for t = 1, tails do
+      redis.call('XADD', KEYS[tonumber(ARGV[pos])], '*', 'e', ARGV[pos + 2])
+      redis.call('SADD', KEYS[3], ARGV[pos + 1])
+      pos = pos + 3
+    end
+    out[e] = 1
+  else
+    pos = pos + 3 * tails
+    out[e] = 0
+  end
+end
+return out
+"""
 
 
 class Producer:
@@ -68,20 +105,18 @@ class Producer:
     def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
         self._client = client
         self._settings = settings
-        self._sha = hashlib.sha1(_ENQUEUE.encode()).hexdigest()
+        self._sha = hashlib.sha1(_ENQUEUE.encode()).hexdigest().encode()
         # the arguments every call shares, encoded once (redis-py encodes per call)
-        self._head = [self._sha.encode(), b"3", settings.stream_key.encode(),
-                      settings.queue_depth_key.encode()]  # fmt: skip
         self._tail = [str(settings.queue_max_events).encode(),
                       str(settings.rate_limit_events_per_second).encode()]  # fmt: skip
         self._waiting: list[tuple[list[Any], asyncio.Future[int]]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
 
-    async def enqueue(self, body: bytes, count: int, client_id: str) -> int:
-        s = self._settings
-        limit = s.rate_limit_events_per_second
-        rate_key = f"{s.stream_key}:rate:{client_id}:{int(time.time())}" if limit else ""
-        args = [*self._head, rate_key, count, body, *self._tail]
+    async def enqueue(self, body: bytes, count: int, account_id: str, client_id: str) -> int:
+        part = partition_of(self._settings, account_id)
+        limit = self._settings.rate_limit_events_per_second
+        rate_key = part.rate(client_id, int(time.time())) if limit else ""
+        args = [self._sha, b"3", part.stream, part.depth, rate_key, count, body, *self._tail]
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[int] = loop.create_future()
         self._waiting.append((args, reply))
@@ -127,82 +162,97 @@ class Producer:
 
 @dataclass(frozen=True)
 class Entry:
+    """One accepted batch in a stream partition."""
+
+    partition: Partition
     entry_id: bytes
     count: int
     body: bytes
+    # read before (by this or another consumer): some of its events may
+    # already be stored, so what it stored is read back rather than inferred
+    redelivered: bool
+
+    @property
+    def batch_id(self) -> str:
+        """Unique across partitions; stored with each of its events."""
+        return f"{self.partition.index}:{self.entry_id.decode()}"
+
+
+@dataclass
+class Retirement:
+    """What to do with one entry: its stored events per account, or dead-letter it."""
+
+    entry: Entry
+    tails: dict[str, bytes] = field(default_factory=dict)  # account -> tail events blob
+    dead_reason: str = ""
 
 
 class Consumer:
-    """What the flusher needs: read, reclaim, acknowledge, dead-letter."""
+    """What a flusher needs from one partition: read, reclaim, retire."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: aioredis.Redis, part: Partition, name: str, settings: Settings):
         self._client = client
+        self.partition = part
+        self.name = name
         self._settings = settings
-        self._stream = settings.stream_key
-        self._name = settings.flusher_consumer
+        self._retire = client.register_script(_RETIRE)
 
     async def ensure_group(self) -> None:
         try:
-            await self._client.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
+            await self._client.xgroup_create(self.partition.stream, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
     async def read_own_pending(self, count: int) -> list[Entry]:
         """Entries this consumer read before it died and never acknowledged."""
-        reply = await self._client.xreadgroup(GROUP, self._name, {self._stream: "0"}, count=count)
-        return _entries(reply)
+        reply = await self._client.xreadgroup(
+            GROUP, self.name, {self.partition.stream: "0"}, count=count
+        )
+        return self._entries(reply, redelivered=True)
 
     async def claim_abandoned(self, count: int) -> list[Entry]:
         """Entries another (dead) consumer left pending for too long."""
         reply = await self._client.xautoclaim(
-            self._stream,
+            self.partition.stream,
             GROUP,
-            self._name,
+            self.name,
             min_idle_time=self._settings.claim_idle_ms,
             start_id="0-0",
             count=count,
         )
-        return [_entry(entry_id, fields) for entry_id, fields in reply[1] if fields]
+        return [self._entry(i, f, True) for i, f in reply[1] if f]
 
-    async def read_new(self, count: int, block_ms: int) -> list[Entry]:
+    async def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
         reply = await self._client.xreadgroup(
-            GROUP, self._name, {self._stream: ">"}, count=count, block=block_ms
+            GROUP, self.name, {self.partition.stream: ">"}, count=count, block=block_ms
         )
-        return _entries(reply)
+        return self._entries(reply, redelivered=False)
 
-    async def acknowledge(self, entries: list[Entry]) -> None:
-        """Ack, drop the entries and shrink the depth counter, atomically."""
-        if not entries:
-            return
-        async with self._client.pipeline(transaction=True) as pipe:
-            self._retire(pipe, entries)
-            await pipe.execute()
+    async def retire(self, retirements: Sequence[Retirement]) -> list[bool]:
+        """Retire the entries still ours, atomically; which ones were."""
+        if not retirements:
+            return []
+        part = self.partition
+        tail_keys: dict[str, int] = {}
+        args: list[Any] = [GROUP, self.name, len(retirements)]
+        for r in retirements:
+            dead = bool(r.dead_reason)
+            args += [r.entry.entry_id, r.entry.count, r.dead_reason, r.entry.body if dead else "",
+                     len(r.tails)]  # fmt: skip
+            for account, blob in r.tails.items():
+                key = part.tail(account)
+                index = tail_keys.setdefault(key, len(tail_keys) + 5)
+                args += [index, account, blob]
+        keys = [part.stream, part.depth, part.dirty, part.dead, *tail_keys]
+        result = await self._retire(keys=keys, args=args)
+        return [bool(flag) for flag in result]
 
-    async def dead_letter(self, entry: Entry, reason: str) -> None:
-        """Park an entry that can never be stored, with why; never drop it."""
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.xadd(
-                self._settings.dead_letter_key,
-                {"n": entry.count, "b": entry.body, "reason": reason, "source_id": entry.entry_id},
-            )
-            self._retire(pipe, [entry])
-            await pipe.execute()
+    def _entries(self, reply: Any, redelivered: bool) -> list[Entry]:
+        out: list[Entry] = []
+        for _stream, items in reply or []:
+            out.extend(self._entry(i, f, redelivered) for i, f in items if f)
+        return out
 
-    def _retire(self, pipe: Any, entries: list[Entry]) -> None:
-        """Queue the ack, the delete and the depth decrement into a transaction."""
-        ids = [e.entry_id for e in entries]
-        pipe.xack(self._stream, GROUP, *ids)
-        pipe.xdel(self._stream, *ids)
-        pipe.decrby(self._settings.queue_depth_key, sum(e.count for e in entries))
-
-
-def _entries(reply: Any) -> list[Entry]:
-    out: list[Entry] = []
-    for _stream, items in reply or []:
-        out.extend(_entry(entry_id, fields) for entry_id, fields in items if fields)
-    return out
-
-
-def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> Entry:
-    return Entry(entry_id, int(fields[b"n"]), fields[b"b"])
+    def _entry(self, entry_id: bytes, fields: dict[bytes, bytes], redelivered: bool) -> Entry:
+        return Entry(self.partition, entry_id, int(fields[b"count"]), fields[b"body"], redelivered)

@@ -1,218 +1,302 @@
-"""GET /summary/{account_id}: exact figures from at most 1440 buckets plus a live tail.
+"""GET /summary/{account_id}: exact figures from one window aggregate plus the live tail.
 
-For a window ending at ``to``:
+A summary for window ``w`` asked at ``to`` (the Redis server's clock) during
+minute ``M`` covers ``[window_start(w, M), to)``. It reads, in this order:
 
-- full hours (windows over 24h) come from hour buckets, full minutes from
-  minute buckets;
-- the partial current minute [floor(to), to) is read raw;
-- the live tail adds raw events of the bucketed range that arrived after the
-  bucket covering them was computed (``ingested_at > max(W, bucket.w)``, where
-  W is the rollup watermark read before the buckets).
+1. the account's tail in every partition (events stored, not yet rolled up),
+   in one pipeline with TIME, so ``to`` is the moment the tail was read;
+2. the account's head, then the one window aggregate it names, which holds
+   ``[window_start(w, S), S)`` for the head's minute ``S``;
+3. only if the rollup job has not rolled the account to ``M`` yet (the first
+   seconds of a minute, or an idle account): the buckets that left the window
+   since ``S``, named by the same head.
 
-A bucket is exact for events ingested up to its own ``w`` and, because every
-run recomputes whatever received events, also up to W; so the tail counts
-each stored event exactly once whatever the rollup job does meanwhile.
+Tail events count when they fall in the window and the aggregate does not
+hold them: at or after ``S``, or from a tail entry the head had not applied.
+Because the head only ever names immutable documents and the tail is trimmed
+only after a head that no longer needs those entries is written, the figures
+are exact for every event stored before ``to``, duplicates and late events
+included, whatever the rollup job does meanwhile. A 24h summary reads two
+small documents and one aggregate (~50 KB with 5,000 users), however many
+events the account has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import msgspec
 from pymongo.errors import PyMongoError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sanic import HTTPResponse, Request
 
-from rollups import store as rollup_store
-from rollups.buckets import WINDOWS, Counts, Document, Resolution, floor, plan_window, top_users
-from service import store
-from service.config import Settings
-from service.ingest import api_key_of
-from service.metrics import Live
-from service.responses import error_response
+from core import keys
+from core.buckets import (
+    WINDOWS,
+    Counts,
+    Packed,
+    floor,
+    leaving_resolution,
+    to_datetime,
+    top_users,
+    window_start,
+)
+from core.metrics import Live
+from core.rollup_docs import Head, read_head, read_packed
+from core.settings import Settings
+from core.store import Database
+from core.tail import TailEntry, last_ids, parse_reads, queue_reads, redis_time_ms
+from service.auth import authenticate, authorize
+from service.errors import BadRequest, Unavailable, client_input
 
 T = TypeVar("T")
 
 ACCOUNT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$(?!\n)")
 MAX_TOP = 100
+ATTEMPTS = 20  # a read that raced a rollover is simply redone
 _encode = msgspec.json.Encoder().encode
+
+
+class Raced(Exception):
+    """A rollover replaced what this read was looking at; read again."""
 
 
 @dataclass
 class Reads:
-    buckets: int = 0
-    raw_events: int = 0
+    documents: int = 0
+    tail_events: int = 0
+    attempts: int = 1
 
 
-def iso(ts: datetime) -> str:
-    return ts.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+@dataclass
+class Figures:
+    """A window's exact figures, with users unpacked only as far as needed."""
+
+    account_id: str
+    window: str
+    start: int
+    to: int
+    total: int = 0
+    types: dict[str, int] = field(default_factory=dict)
+    unique_users: int = 0
+    top: list[tuple[str, int]] = field(default_factory=list)
+    reads: Reads = field(default_factory=Reads)
+
+    def body(self, top: int) -> dict[str, Any]:
+        return {
+            "account_id": self.account_id,
+            "window": self.window,
+            "from": iso(self.start),
+            "to": iso(self.to),
+            "total": self.total,
+            "totals": dict(sorted(self.types.items())),
+            "unique_users": self.unique_users,
+            "top_users": [{"user_id": u, "events": n} for u, n in self.top[:top]],
+            "as_of": iso(self.to),
+        }
 
 
-def parse_request(request: Request, account_id: str | None) -> tuple[str, str, int] | HTTPResponse:
-    args = request.get_args(keep_blank_values=True)  # "window=" is a mistake, not a default
-    account = account_id if account_id is not None else args.get("account_id")
-    if not account or not ACCOUNT.match(account):
-        return error_response(
-            400, "bad_request", "account_id must be 1..64 characters of A-Z a-z 0-9 _ . : -"
-        )
-    window = args.get("window", "24h")
-    if window not in WINDOWS:
-        return error_response(
-            400, "bad_request", f"window must be one of {', '.join(WINDOWS)}", field="window"
-        )
-    top_text = str(args.get("top", "5"))
-    if not top_text.isdigit() or not 1 <= int(top_text) <= MAX_TOP:
-        return error_response(
-            400, "bad_request", f"top must be a whole number from 1 to {MAX_TOP}", field="top"
-        )
-    return account, window, int(top_text)
+def iso(epoch_ms: int) -> str:
+    return to_datetime(epoch_ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def check_key(request: Request, settings: Settings, account: str) -> HTTPResponse | None:
-    if not settings.api_keys:
-        return None
-    allowed = settings.api_key_allows(api_key_of(request), account)
-    if allowed is None:
-        return error_response(
-            401, "unauthorized", "send a valid API key in X-API-Key or Authorization: Bearer"
-        )
-    if not allowed:
-        return error_response(403, "forbidden", "this API key may not read this account")
-    return None
+def tail_counts(
+    entries: list[TailEntry], head: Head | None, start: int, to: int
+) -> tuple[Counts, int]:
+    """Tail events in ``[start, to)`` that the head's aggregates do not hold."""
+    counts = Counts()
+    seen = 0
+    since = head.minute if head and head.minute is not None else None
+    for entry in entries:
+        unapplied = head is None or entry.entry_id > head.applied_id(entry.partition)
+        events = entry.events
+        seen += len(events.ts)
+        for ts, event_type, user in zip(events.ts, events.types, events.users, strict=True):
+            if start <= ts < to and (unapplied or (since is not None and ts >= since)):
+                counts.add_event(event_type, user)
+    return counts, seen
 
 
-async def _raw(source: Any, query: dict[str, Any], reads: Reads) -> AsyncIterator[Document]:
-    projection = {"_id": 0, "type": 1, "user_id": 1, "timestamp": 1, "ingested_at": 1}
-    async for doc in source.find(query, projection, batch_size=10_000):
-        reads.raw_events += 1
-        yield doc
+async def _packed(db: Database, kind: Any, doc_id: str | None, reads: Reads) -> Packed:
+    if doc_id is None:
+        return Packed.empty()
+    reads.documents += 1
+    found = await read_packed(db, kind, doc_id)
+    if found is None:
+        raise Raced(doc_id)  # superseded and deleted since the head was read
+    return found
+
+
+async def _left(db: Database, head: Head, window: str, minute: int, reads: Reads) -> Counts:
+    """Buckets that left the window between the head's minute and ``minute``."""
+    assert head.minute is not None
+    resolution = leaving_resolution(window)
+    gone_from, gone_to = window_start(window, head.minute), window_start(window, minute)
+    left = Counts()
+    for start in sorted(head.buckets(resolution)):
+        if gone_from <= start < gone_to:
+            bucket = await _packed(db, resolution, head.bucket_doc_id(resolution, start), reads)
+            left.merge(bucket.unpack())
+    return left
+
+
+def combine(figures: Figures, base: Packed, extra: Counts, left: Counts) -> None:
+    """The aggregate, minus what left, plus the tail."""
+    figures.total = base.total - left.total + extra.total
+    types = dict(base.types)
+    for t, n in left.types.items():
+        types[t] -= n
+    for t, n in extra.types.items():
+        types[t] = types.get(t, 0) + n
+    figures.types = {t: n for t, n in types.items() if n}
+    if left.total:  # rare: every user is needed
+        users = base.users()
+        counts = Counts(0, {}, users)
+        counts.merge(left, -1)
+        counts.merge(Counts(0, {}, extra.users))
+        figures.unique_users = len(counts.users)
+        figures.top = top_users(counts.users, MAX_TOP)
+        return
+    if not extra.users:
+        figures.unique_users, figures.top = base.unique_users, base.top
+        return
+    # users only gain events: the new top 100 is among the old top 100 and the
+    # users the tail touched
+    index = base.index()
+    candidates = dict(base.top)
+    fresh = 0
+    for user, n in extra.users.items():
+        before = index.get(user)
+        if before == 0:
+            fresh += 1
+        candidates[user] = before + n
+    figures.unique_users = base.unique_users + fresh
+    figures.top = top_users(candidates, MAX_TOP)
+
+
+@dataclass
+class Snapshot:
+    """The tail as read at ``to``, and the cache key of the figures it leads to."""
+
+    to: int
+    entries: list[TailEntry]
+    cache_key: str
+
+
+async def read_tail(redis: Redis, settings: Settings, account: str, window: str) -> Snapshot:
+    parts = keys.partitions(settings)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        queue_reads(pipe, parts, account)
+        replies = await pipe.execute()
+    to = redis_time_ms(replies[0])
+    entries = parse_reads(parts, replies[1:])
+    # the same minute and the same tail give the same figures, whatever the
+    # rollups did meanwhile: a new stored event always changes the key
+    tails = ",".join(f"{p}:{i[0]}-{i[1]}" for p, i in sorted(last_ids(entries).items()))
+    key = keys.summary_cache(settings, account, window, str(floor(to, "minute")), tails or "-")
+    return Snapshot(to, entries, key)
+
+
+async def figures_at(db: Database, snapshot: Snapshot, account: str, window: str) -> Figures:
+    """The figures for the window ending at the snapshot; raises Raced if a rollover got in."""
+    minute = floor(snapshot.to, "minute")
+    start = window_start(window, minute)
+    figures = Figures(account, window, start, snapshot.to)
+    head = await read_head(db, account)
+    if head is not None and head.minute is not None and head.minute > minute:
+        raise Raced("the head was rolled past this read's minute")
+    base = await _packed(db, "window", head.windows.get(window) if head else None, figures.reads)
+    left = Counts()
+    if head is not None and head.minute is not None and head.minute < minute:
+        left = await _left(db, head, window, minute, figures.reads)
+    extra, figures.reads.tail_events = tail_counts(snapshot.entries, head, start, snapshot.to)
+    combine(figures, base, extra, left)
+    return figures
 
 
 async def compute(
-    db: Any,
+    db: Database,
+    redis: Redis,
+    settings: Settings,
     account: str,
     window: str,
-    top: int,
-    now: datetime,
-    watermark: datetime | None,
-    copy_since: datetime | None = None,
-    edge_age: timedelta = timedelta(minutes=7),
-) -> tuple[dict[str, Any], Reads]:
-    """The summary; ``watermark`` must have been read before this call reads buckets."""
-    reads = Reads()
-    plan = plan_window(window, now)
-    total = Counts()
-    covered: dict[tuple[Resolution, datetime], datetime] = {}
-    for resolution, (start, end) in (("hour", plan.hours), ("minute", plan.minutes)):
-        res: Resolution = resolution  # type: ignore[assignment]
-        read = await rollup_store.read_buckets(db, res, account, start, end)
-        reads.buckets += read.documents
-        for doc, counts in read.buckets:
-            total.merge(counts)
-            covered[(res, doc["start"])] = doc["w"]
-    bucketed_end = plan.minutes[1]
-    tail: dict[str, Any] = {"account_id": account,
-                            "timestamp": {"$gte": plan.start, "$lt": bucketed_end}}  # fmt: skip
-    if watermark is not None:
-        tail["ingested_at"] = {"$gt": watermark}
-    # the tail is small: read it from events_recent while that still covers it
-    tail_in_recent = store.recent_covers(watermark, now, copy_since)
-    # an event in the current minute was ingested at most MAX_FUTURE + 1 min ago
-    edge_in_recent = store.recent_covers(now - edge_age, now, copy_since)
-    edge = {"account_id": account, "timestamp": {"$gte": plan.edge[0], "$lt": plan.edge[1]}}
-    recent, events = store.recent(db), store.events(db)
-    reads_needed: list[tuple[Any, dict[str, Any]]]
-    if tail_in_recent == edge_in_recent:
-        # one read for both: on FerretDB every read scans the whole collection
-        reads_needed = [(recent if tail_in_recent else events, {"$or": [tail, edge]})]
-    else:
-        reads_needed = [(recent if tail_in_recent else events, tail),
-                        (recent if edge_in_recent else events, edge)]  # fmt: skip
-    for source, query in reads_needed:
-        async for doc in _raw(source, query, reads):
-            ts = doc["timestamp"]
-            if ts >= plan.edge[0]:  # the partial current minute: no bucket, count all
-                total.add_event(doc["type"], doc["user_id"])
-                continue
-            res = "hour" if ts < plan.hours[1] else "minute"
-            bucket_w = covered.get((res, floor(ts, res)))
-            if bucket_w is None or doc["ingested_at"] > bucket_w:
-                total.add_event(doc["type"], doc["user_id"])
-    body = {
-        "account_id": account,
-        "window": window,
-        "from": iso(plan.start),
-        "to": iso(plan.to),
-        "total": total.total,
-        "totals": dict(sorted(total.types.items())),
-        "unique_users": len(total.users),
-        "top_users": top_users(total.users, top),
-        "as_of": iso(now),
-    }
-    return body, reads
+    cached: Callable[[str], Awaitable[bytes | None]] | None = None,
+) -> tuple[Figures | bytes, str]:
+    """The window's figures (or a cached answer for them), and their cache key."""
+    for attempt in range(1, ATTEMPTS + 1):
+        snapshot = await read_tail(redis, settings, account, window)
+        if cached is not None and (hit := await cached(snapshot.cache_key)) is not None:
+            return hit, snapshot.cache_key
+        try:
+            figures = await figures_at(db, snapshot, account, window)
+        except Raced:
+            await asyncio.sleep(0.005 * attempt)
+            continue
+        figures.reads.attempts = attempt
+        return figures, snapshot.cache_key
+    raise Unavailable("the rollups kept changing under this read; retry", 1)
 
 
-def cache_key(settings: Settings, account: str, window: str, top: int, w: datetime | None) -> str:
-    stamp = w.isoformat() if w else "none"
-    return f"{settings.mongo_db}:summary:{account}:{window}:{top}:{stamp}"
+def parse_request(request: Request, account_id: str | None) -> tuple[str, str, int]:
+    with client_input("the query string"):
+        args = request.get_args(keep_blank_values=True)  # "window=" is a mistake
+        account = account_id if account_id is not None else args.get("account_id")
+        window = args.get("window", "24h")
+        top_text = str(args.get("top", "5"))
+    if not account or not ACCOUNT.match(account):
+        raise BadRequest("account_id must be 1..64 characters of A-Z a-z 0-9 _ . : -",
+                         field="account_id")  # fmt: skip
+    if window not in WINDOWS:
+        raise BadRequest(f"window must be one of {', '.join(WINDOWS)}", field="window")
+    # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+    if not (top_text.isascii() and top_text.isdigit()) or not 1 <= int(top_text) <= MAX_TOP:
+        raise BadRequest(f"top must be a whole number from 1 to {MAX_TOP}", field="top")
+    return account, window, int(top_text)
 
 
 async def get_summary(request: Request, account_id: str | None = None) -> HTTPResponse:
     settings: Settings = request.app.ctx.settings
-    parsed = parse_request(request, account_id)
-    if isinstance(parsed, HTTPResponse):
-        return parsed
-    account, window, top = parsed
-    denied = check_key(request, settings, account)
-    if denied:
-        return denied
-    db = request.app.ctx.db
-    redis = request.app.ctx.redis
+    account, window, top = parse_request(request, account_id)
+    authorize(settings, authenticate(request, settings), [account], "read")
+    db, redis = request.app.ctx.db, request.app.ctx.redis
+    in_flight: SingleFlight = request.app.ctx.summaries_in_flight
+
+    async def cached(key: str) -> bytes | None:
+        return await _cache_get(redis, f"{key}:{top}")
+
+    async def answer() -> tuple[Figures | bytes, str]:
+        return await compute(db, redis, settings, account, window, cached)
+
     try:
-        watermark = await rollup_store.read_watermark(db)
-        key = cache_key(settings, account, window, top, watermark)
-        cached = await _cache_get(redis, key)
-        if cached is not None:
-            return HTTPResponse(cached, content_type="application/json", headers={"X-Cache": "hit"})
-        edge_age = timedelta(seconds=settings.max_future_seconds + 120)
-
-        async def answer() -> tuple[dict[str, Any], Reads]:
-            copy_since = await store.recent_copy_since(db)
-            now = datetime.now(UTC)
-            return await compute(db, account, window, top, now, watermark, copy_since, edge_age)
-
-        in_flight: SingleFlight = request.app.ctx.summaries_in_flight
-        body, reads = await in_flight.run(key, answer)
-    except PyMongoError:
-        return error_response(
-            503,
-            "unavailable",
-            "MongoDB is unreachable; retry later",
-            {"Retry-After": str(settings.retry_after_seconds)},
-        )
-    encoded = _encode(body)
-    await _cache_set(redis, key, encoded, settings.summary_cache_seconds)
+        # identical requests arriving together share one computation
+        found, key = await in_flight.run(f"{account}:{window}:{top}", answer)
+    except PyMongoError as exc:
+        retry = settings.retry_after_seconds
+        raise Unavailable("MongoDB is unreachable; retry later", retry) from exc
+    except (RedisError, OSError) as exc:
+        raise Unavailable(
+            "Redis is unreachable; retry later", settings.retry_after_seconds
+        ) from exc
+    if isinstance(found, bytes):
+        return HTTPResponse(found, content_type="application/json", headers={"X-Cache": "hit"})
+    encoded = _encode(found.body(top))
+    await _cache_set(redis, f"{key}:{top}", encoded, settings.summary_cache_seconds)
     headers = {
         "X-Cache": "miss",
-        "X-Buckets-Read": str(reads.buckets),
-        "X-Raw-Events-Read": str(reads.raw_events),
+        "X-Documents-Read": str(found.reads.documents),
+        "X-Tail-Events-Read": str(found.reads.tail_events),
     }
     return HTTPResponse(encoded, content_type="application/json", headers=headers)
 
 
 class SingleFlight:
-    """Identical summaries asked for concurrently in one worker share one computation.
-
-    Without it, every request that misses the cache for the same key (say 100
-    clients polling one account when the watermark moves) recomputes the same
-    answer against MongoDB at once. Joiners get the answer of a computation that
-    started before they arrived, as a cache hit would; ``as_of`` says when.
-    """
+    """Identical computations asked for concurrently in one worker share one run."""
 
     def __init__(self) -> None:
         self._running: dict[str, asyncio.Future[Any]] = {}
@@ -243,15 +327,15 @@ class SingleFlight:
             del self._running[key]
 
 
-async def _cache_get(redis: Any, key: str) -> bytes | None:
+async def _cache_get(redis: Redis, key: str) -> bytes | None:
     try:
         value = await redis.get(key)
     except (RedisError, OSError):
-        return None  # the cache is an optimisation; MongoDB still answers
+        return None  # the cache is an optimisation
     return value if isinstance(value, bytes) else None
 
 
-async def _cache_set(redis: Any, key: str, value: bytes, seconds: int) -> None:
+async def _cache_set(redis: Redis, key: str, value: bytes, seconds: int) -> None:
     if seconds <= 0:
         return
     try:
@@ -261,11 +345,22 @@ async def _cache_set(redis: Any, key: str, value: bytes, seconds: int) -> None:
 
 
 async def rollup_figures(request: Request) -> dict[str, Live]:
+    settings: Settings = request.app.ctx.settings
+    redis = request.app.ctx.redis
     try:
-        watermark = await rollup_store.read_watermark(request.app.ctx.db)
-    except Exception:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.get(keys.rollup_progress(settings))
+            now_reply, minute = await pipe.execute()
+    except (RedisError, OSError):
         return {}
-    if watermark is None:
+    if minute is None:
         return {}
-    lag = (datetime.now(UTC) - watermark).total_seconds()
-    return {"rollup_lag_seconds": Live("Seconds between now and the rollup watermark", lag)}
+    lag = (redis_time_ms(now_reply) - int(minute)) / 1000
+    return {
+        "rollup_lag_seconds": Live(
+            "Seconds since the minute the last complete rollover pass rolled to "
+            "(healthy: below 60 + ROLLUP_INTERVAL_SECONDS)",
+            lag,
+        )
+    }

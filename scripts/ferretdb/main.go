@@ -1,7 +1,7 @@
-// Command ferretdb-launcher runs an embedded FerretDB v1 with its SQLite
-// backend. `go install .../cmd/ferretdb` panics at start-up because the
-// module lacks build/version/version.txt, so the project builds this tiny
-// launcher around the embeddable package instead.
+// Command ferretdb-launcher runs an embedded FerretDB v1 on PostgreSQL (the
+// default stack) or SQLite. `go install .../cmd/ferretdb` panics at start-up
+// because the module lacks build/version/version.txt, so the project builds
+// this tiny launcher around the embeddable package instead.
 package main
 
 import (
@@ -18,7 +18,8 @@ import (
 
 func main() {
 	listen := flag.String("listen", "127.0.0.1:27017", "TCP address to listen on")
-	sqliteDir := flag.String("sqlite-dir", "data", "directory for SQLite databases")
+	postgresURL := flag.String("postgresql-url", "", "PostgreSQL URL (the postgresql handler)")
+	sqliteDir := flag.String("sqlite-dir", "", "directory for SQLite databases (the sqlite handler)")
 	logLevel := flag.String("log-level", "warn", "debug, info, warn or error")
 	flag.Parse()
 
@@ -29,17 +30,24 @@ func main() {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 
-	if err := os.MkdirAll(*sqliteDir, 0o755); err != nil {
-		fmt.Fprintln(os.Stderr, "cannot create --sqlite-dir:", err)
-		os.Exit(1)
+	config := &ferretdb.Config{Listener: ferretdb.ListenerConfig{TCP: *listen}, Logger: logger}
+	switch {
+	case *postgresURL != "" && *sqliteDir == "":
+		config.Handler = "postgresql"
+		config.PostgreSQLURL = *postgresURL
+	case *sqliteDir != "" && *postgresURL == "":
+		if err := os.MkdirAll(*sqliteDir, 0o755); err != nil {
+			fmt.Fprintln(os.Stderr, "cannot create --sqlite-dir:", err)
+			os.Exit(1)
+		}
+		config.Handler = "sqlite"
+		config.SQLiteURL = "file:" + *sqliteDir + "/"
+	default:
+		fmt.Fprintln(os.Stderr, "give exactly one of --postgresql-url and --sqlite-dir")
+		os.Exit(2)
 	}
 
-	f, err := ferretdb.New(&ferretdb.Config{
-		Listener:  ferretdb.ListenerConfig{TCP: *listen},
-		Handler:   "sqlite",
-		SQLiteURL: "file:" + *sqliteDir + "/",
-		Logger:    logger,
-	})
+	f, err := ferretdb.New(config)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "ferretdb:", err)
 		os.Exit(1)
@@ -47,7 +55,7 @@ func main() {
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	logger.Info("ferretdb listening", "listen", *listen, "sqlite-dir", *sqliteDir)
+	logger.Info("ferretdb listening", "listen", *listen, "handler", config.Handler)
 	if err := f.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "ferretdb:", err)
 		os.Exit(1)

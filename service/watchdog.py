@@ -1,62 +1,20 @@
-"""Process titles, the entry point of managed processes, and the watchdog.
+"""The watchdog: restarts any process of the service that died.
 
 Sanic 25.12 does not restart a process that dies (a SIGKILLed HTTP worker or
 managed process stays dead while the main process runs on), so the main
-process runs a watchdog thread that asks Sanic's worker manager to restart
-any process found dead, logs it and counts it.
+process runs this thread, which asks Sanic's worker manager to restart any
+process found dead, logs it and counts it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
-import sys
 import threading
-from collections.abc import Coroutine
 from typing import Any
 
-from setproctitle import setproctitle
+from core import metrics
 
-log = logging.getLogger("service.watchdog")
-
-TITLE_PREFIX = "events-service"
-
-
-def set_title(role: str) -> None:
-    setproctitle(f"{TITLE_PREFIX}: {role}")
-
-
-def configure_logging() -> None:
-    """Our loggers only; Sanic configures its own."""
-    logger = logging.getLogger("service")
-    if logger.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
-    )
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
-def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (Sanic's manager stops processes with SIGINT)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-def run_process(role: str, main: Coroutine[Any, Any, None]) -> None:
-    """Run a managed process's coroutine on uvloop, titled for ``ps``."""
-    set_title(role)
-    configure_logging()
-    import uvloop
-
-    uvloop.run(main)
+log = logging.getLogger(__name__)
 
 
 class Watchdog(threading.Thread):
@@ -79,13 +37,9 @@ class Watchdog(threading.Thread):
     def run(self) -> None:
         from sanic.worker.constants import ProcessState
 
-        from service import metrics
-
         # restarts are counted by Sanic itself ("starts" in its shared worker
         # state), which /metrics exposes as process_restarts
         while not self._stopping.wait(self._interval):
-            if getattr(self._manager, "_shutting_down", False):
-                return
             for process in list(self._manager.processes):
                 if process.is_alive() or process.state in (
                     ProcessState.RESTARTING,

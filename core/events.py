@@ -1,4 +1,4 @@
-"""The event schema and the one-pass batch validator used on the hot path.
+"""The event schema, the one-pass batch validator used on the hot path, the stored form.
 
 msgspec decodes and checks types, patterns, lengths and unknown fields in C;
 what it cannot express (timestamp bounds, metadata size and depth) is checked
@@ -86,7 +86,7 @@ class Limits:
     max_metadata_depth: int
 
 
-class InvalidJSON(ValueError):
+class NotJSON(ValueError):
     """The body is not JSON at all (as opposed to JSON that breaks the schema)."""
 
 
@@ -109,7 +109,11 @@ def validate_batch(body: bytes, limits: Limits, now: datetime) -> tuple[list[Eve
     except msgspec.ValidationError:
         return [], _schema_problems(body)
     except msgspec.DecodeError as exc:
-        raise InvalidJSON(str(exc)) from None
+        raise NotJSON(str(exc)) from None
+    except RecursionError:
+        # msgspec stops at the interpreter's recursion limit (~1000 levels) with
+        # this exception, before it has built anything; far beyond any limit here
+        return [], [Problem(None, "metadata", _too_deep(limits.max_metadata_depth))]
     if not _charsets_ok(events):
         return [], _schema_problems(body)
     if not events:
@@ -146,7 +150,7 @@ def _schema_problems(body: bytes) -> list[Problem]:
     except msgspec.ValidationError:
         return [Problem(None, None, "the body must be a JSON array of event objects")]
     except msgspec.DecodeError as exc:
-        raise InvalidJSON(str(exc)) from None
+        raise NotJSON(str(exc)) from None
     problems: list[Problem] = []
     for index, raw in enumerate(items):
         try:
@@ -155,6 +159,8 @@ def _schema_problems(body: bytes) -> list[Problem]:
             problems.append(_problem_from_error(index, str(exc)))
             if len(problems) >= MAX_PROBLEMS:
                 break
+        except RecursionError:
+            problems.append(Problem(index, "metadata", "nested too deeply"))
     # never an empty list: the caller must not mistake a refusal for success
     return problems or [Problem(None, None, "the batch does not match the event schema")]
 
@@ -211,40 +217,46 @@ def _metadata_problem(metadata: dict[str, Any], limits: Limits) -> str | None:
     size = len(_encoder.encode(metadata))
     if size > limits.max_metadata_bytes:
         return f"encodes to {size} bytes; at most {limits.max_metadata_bytes} allowed"
-    return _storable_problem(metadata, 1, limits.max_metadata_depth)
+    return _storable_problem(metadata, limits.max_metadata_depth)
 
 
 INT64 = range(-(2**63), 2**63)
 
 
-def _storable_problem(value: object, depth: int, max_depth: int) -> str | None:
-    """Depth and the few things BSON/MongoDB cannot store, found in one walk."""
-    if isinstance(value, dict):
-        if depth > max_depth:
-            return f"nested more than {max_depth} levels deep"
-        for key, item in value.items():
-            if key.startswith("$") or "." in key or "\x00" in key:
-                return f"key {key!r} may not start with '$' or contain '.' or NUL"
-            problem = _storable_problem(item, depth + 1, max_depth)
-            if problem:
-                return problem
-    elif isinstance(value, list):
-        if depth > max_depth:
-            return f"nested more than {max_depth} levels deep"
-        for item in value:
-            if isinstance(item, list):
-                # FerretDB v1 cannot store them; refusing keeps both backends alike
-                return "arrays directly inside arrays are not supported; wrap them in objects"
-            problem = _storable_problem(item, depth + 1, max_depth)
-            if problem:
-                return problem
-    elif isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
-        return "integers must fit in 64 bits"
+def _too_deep(max_depth: int) -> str:
+    return f"nested more than {max_depth} levels deep"
+
+
+def _storable_problem(metadata: dict[str, Any], max_depth: int) -> str | None:
+    """Depth and the few things BSON/MongoDB cannot store, found in one walk.
+
+    Iterative, so no nesting depth can exhaust the interpreter's stack.
+    """
+    pending: list[tuple[object, int]] = [(metadata, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            if depth > max_depth:
+                return _too_deep(max_depth)
+            for key, item in value.items():
+                if key.startswith("$") or "." in key or "\x00" in key:
+                    return f"key {key!r} may not start with '$' or contain '.' or NUL"
+                pending.append((item, depth + 1))
+        elif isinstance(value, list):
+            if depth > max_depth:
+                return _too_deep(max_depth)
+            for item in value:
+                if isinstance(item, list):
+                    # FerretDB v1 cannot store them; refusing keeps every backend alike
+                    return "arrays directly inside arrays are not supported; wrap them in objects"
+                pending.append((item, depth + 1))
+        elif isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
+            return "integers must fit in 64 bits"
     return None
 
 
-def to_document(event: Event, ingested_at: datetime) -> dict[str, Any]:
-    """The stored form: UTC times plus the minute/hour keys rollups group by."""
+def to_document(event: Event, batch_id: str, ingested_at: datetime) -> dict[str, Any]:
+    """The stored form: UTC times, the stream entry that stored it, the hour it falls in."""
     ts = event.timestamp.astimezone(UTC)
     doc: dict[str, Any] = {
         "_id": storage_id(event.account_id, event.event_id),
@@ -253,8 +265,8 @@ def to_document(event: Event, ingested_at: datetime) -> dict[str, Any]:
         "user_id": event.user_id,
         "type": event.type,
         "timestamp": ts,
-        "minute": ts.replace(second=0, microsecond=0),
         "hour": ts.replace(minute=0, second=0, microsecond=0),
+        "batch": batch_id,
         "ingested_at": ingested_at,
     }
     if event.metadata is not None:

@@ -2,14 +2,16 @@
 
 prometheus-client's multiprocess mode aggregates the samples each process
 writes under ``PROMETHEUS_MULTIPROC_DIR`` (set by the main process before it
-starts the others, see ``config.export_metrics_dir``). Figures that live in
+starts the others, see :func:`export_metrics_dir`). Figures that live in
 Redis or MongoDB (queue depth, rollup lag) are read at scrape time instead.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,6 +36,10 @@ EVENTS_DUPLICATE = Counter(
 DEAD_LETTERED = Counter(
     "dead_lettered_batches_total", "Stream entries moved to the dead-letter stream"
 )
+ENTRIES_CLAIMED_AWAY = Counter(
+    "flush_entries_claimed_away_total",
+    "Entries another flusher claimed while this one was storing them (it retires them)",
+)
 FLUSH_ERRORS = Counter("flush_errors_total", "Failed flush attempts (retried)", ["kind"])
 FLUSH_BATCH_EVENTS = Histogram(
     "flush_batch_events",
@@ -46,7 +52,16 @@ FLUSH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 ROLLUP_RUNS = Counter("rollup_runs_total", "Rollup job runs", ["outcome"])
-ROLLUP_BUCKETS = Counter("rollup_buckets_written_total", "Rollup buckets written", ["resolution"])
+ROLLUP_ACCOUNTS = Counter("rollup_accounts_rolled_total", "Account rollovers written")
+ROLLUP_DOCUMENTS = Counter("rollup_documents_written_total", "Rollup documents written", ["kind"])
+ROLLUP_SECONDS = Histogram(
+    "rollup_pass_seconds",
+    "Time of one rollover pass over the accounts that were due",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+RETENTION_DELETED = Counter(
+    "retention_deleted_total", "Documents deleted by retention", ["collection"]
+)
 
 
 @dataclass(frozen=True)
@@ -76,3 +91,20 @@ def render(live_values: Mapping[str, Live]) -> bytes:
 
 def mark_process_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def export_metrics_dir(metrics_dir: Path, main_pid: int) -> Path:
+    """Point prometheus-client's multiprocess mode at a per-run directory.
+
+    Child processes inherit the variable, so every HTTP worker, flusher and
+    the rollups process write their samples where ``/metrics`` reads them.
+    """
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if current:
+        return Path(current)
+    path = metrics_dir.resolve() / str(main_pid)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path

@@ -7,9 +7,12 @@ reads ``os.environ``.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+ROLES = frozenset({"http", "flusher", "rollups"})
 
 
 class SettingsError(ValueError):
@@ -22,12 +25,18 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 2
+    # what this host runs: any of http, flusher, rollups
+    roles: frozenset[str] = ROLES
     # servers; empty means "the stack controller starts its own under var_dir"
     redis_url: str = ""
     mongo_url: str = ""
     var_dir: Path = Path("var")
     mongo_db: str = "events_service"
     stream_key: str = "events:ingest"
+    # streams spread over Redis Cluster slots (hash tags); a batch goes whole to one
+    stream_partitions: int = 1
+    # names this host's flushers in the consumer group; empty: "<hostname>:<port>"
+    instance_name: str = ""
     # request limits
     max_body_bytes: int = 1024 * 1024
     max_batch_events: int = 1000
@@ -42,40 +51,37 @@ class Settings:
     # "key=acc_1|acc_2,key2=*": empty disables authentication
     api_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # flusher
+    flushers: int = 1
     flush_batch_size: int = 500
     flush_interval_ms: int = 250
+    flush_concurrency: int = 2
     mongo_timeout_ms: int = 5000
     claim_idle_ms: int = 30_000
     dead_letter_after: int = 5
-    flusher_consumer: str = "flusher-1"
     # retention
     raw_retention_days: int = 7
-    # rollups
-    rollup_interval_seconds: float = 5.0
-    rollup_safety_lag_seconds: float = 10.0
-    rollup_timeout_seconds: float = 300.0
     minute_retention_hours: int = 48
     hour_retention_days: int = 90
+    # rollups
+    rollup_interval_seconds: float = 1.0
+    rollup_timeout_seconds: float = 60.0
     summary_cache_seconds: int = 2
-    summary_timeout_seconds: float = 30.0
-    # supervision
+    summary_timeout_seconds: float = 10.0
+    # processes
     watchdog_interval_seconds: float = 1.0
-    run_flusher: bool = True
-    run_rollups: bool = True
-    # the flusher's second copy of each batch into events_recent (see store.py)
-    recent_copy: bool = True
-
-    @property
-    def dead_letter_key(self) -> str:
-        return f"{self.stream_key}:dead"
-
-    @property
-    def queue_depth_key(self) -> str:
-        return f"{self.stream_key}:depth"
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
 
     @property
     def metrics_dir(self) -> Path:
         return self.var_dir / "metrics"
+
+    @property
+    def instance(self) -> str:
+        return self.instance_name or f"{socket.gethostname()}:{self.port}"
+
+    def runs(self, role: str) -> bool:
+        return role in self.roles
 
     def api_key_allows(self, key: str | None, account_id: str) -> bool | None:
         """None: unknown key; otherwise whether the key may act for the account."""
@@ -100,6 +106,16 @@ def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
     return keys
 
 
+def parse_roles(text: str) -> frozenset[str]:
+    roles = frozenset(r.strip().lower() for r in text.split(",") if r.strip())
+    unknown = roles - ROLES
+    if unknown or not roles:
+        raise SettingsError(
+            f"ROLES must be a comma-separated subset of {', '.join(sorted(ROLES))} (got {text!r})"
+        )
+    return roles
+
+
 def _convert(name: str, raw: str, default: object) -> object:
     try:
         if isinstance(default, bool):
@@ -120,6 +136,9 @@ def _convert(name: str, raw: str, default: object) -> object:
     return raw
 
 
+PARSERS = {"api_keys": parse_api_keys, "roles": parse_roles}
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build settings from the environment (``os.environ`` unless given)."""
     env = os.environ if environ is None else environ
@@ -129,8 +148,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raw = env.get(ENV_NAMES[f.name])
         if raw is None or raw == "":
             continue
-        if f.name == "api_keys":
-            values[f.name] = parse_api_keys(raw)
+        parse = PARSERS.get(f.name)
+        if parse:
+            values[f.name] = parse(raw)
         else:
             values[f.name] = _convert(ENV_NAMES[f.name], raw, getattr(defaults, f.name))
     settings = Settings(**values)  # type: ignore[arg-type]
@@ -138,41 +158,42 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+POSITIVE = (
+    "port",
+    "workers",
+    "stream_partitions",
+    "max_body_bytes",
+    "max_batch_events",
+    "queue_max_events",
+    "flushers",
+    "flush_batch_size",
+    "flush_interval_ms",
+    "flush_concurrency",
+    "mongo_timeout_ms",
+    "dead_letter_after",
+    "raw_retention_days",
+    "rollup_interval_seconds",
+    "rollup_timeout_seconds",
+    "summary_timeout_seconds",
+    "watchdog_interval_seconds",
+)
+
+
 def _check(s: Settings) -> None:
-    positive = (
-        "port",
-        "workers",
-        "max_body_bytes",
-        "max_batch_events",
-        "queue_max_events",
-        "flush_batch_size",
-        "flush_interval_ms",
-        "mongo_timeout_ms",
-        "dead_letter_after",
-        "raw_retention_days",
-    )
-    for name in positive:
+    for name in POSITIVE:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{ENV_NAMES[name]} must be positive")
-    if s.rollup_safety_lag_seconds * 1000 <= s.mongo_timeout_ms:
-        raise SettingsError(
-            "ROLLUP_SAFETY_LAG_SECONDS must exceed MONGO_TIMEOUT_MS so a slow "
-            "flusher write is never behind the rollup watermark"
-        )
-
-
-def export_metrics_dir(settings: Settings, main_pid: int) -> Path:
-    """Point prometheus-client's multiprocess mode at a per-run directory.
-
-    Child processes inherit the variable, so every HTTP worker, the flusher
-    and the rollups process write their samples where ``/metrics`` reads them.
-    """
-    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if current:
-        return Path(current)
-    path = settings.metrics_dir.resolve() / str(main_pid)
-    path.mkdir(parents=True, exist_ok=True)
-    for stale in path.glob("*.db"):
-        stale.unlink()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    return path
+    if s.port > 65535:
+        raise SettingsError("PORT must be at most 65535")
+    if s.shutdown_grace_seconds < 0:
+        raise SettingsError("SHUTDOWN_GRACE_SECONDS may not be negative")
+    # the 24h windows subtract minute buckets a day old, the 30d windows hour
+    # buckets 30 days old: both must still be there
+    if s.minute_retention_hours < 25:
+        raise SettingsError("MINUTE_RETENTION_HOURS must be at least 25 (the 24h window)")
+    if s.hour_retention_days < 31:
+        raise SettingsError("HOUR_RETENTION_DAYS must be at least 31 (the 30d window)")
+    if s.raw_retention_days > s.hour_retention_days:
+        raise SettingsError("RAW_RETENTION_DAYS may not exceed HOUR_RETENTION_DAYS")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")

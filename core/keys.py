@@ -1,0 +1,85 @@
+"""Every Redis key and MongoDB collection name the service uses, in one place.
+
+Redis keys of one stream partition share a Redis Cluster hash tag
+(``{events:ingest:0}``), so the scripts that touch several of them (enqueue,
+acknowledge with tail) run on one slot.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from core.settings import Settings
+
+# MongoDB collections
+EVENTS = "events"  # raw events, _id = account_id|event_id
+HEADS = "rollup_heads"  # one per account: where its rollups stand
+WINDOWS = "rollup_windows"  # immutable per-account window aggregates
+MINUTES = "rollup_minutes"  # per-account minute buckets
+HOURS = "rollup_hours"  # per-account hour buckets
+STATE = "rollup_state"  # rollup job state (retention progress)
+BACKFILLS = "rollup_backfills"  # checkpoints of unfinished backfills
+
+GROUP = "flusher"  # the consumer group every flusher joins
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The Redis keys of one stream partition."""
+
+    index: int
+    tag: str
+
+    @property
+    def stream(self) -> str:
+        return f"{{{self.tag}}}:stream"
+
+    @property
+    def depth(self) -> str:
+        """Accepted events not yet stored (the queue bound is checked against it)."""
+        return f"{{{self.tag}}}:depth"
+
+    @property
+    def dead(self) -> str:
+        return f"{{{self.tag}}}:dead"
+
+    @property
+    def dirty(self) -> str:
+        """Accounts with tail entries the rollup job has not applied yet."""
+        return f"{{{self.tag}}}:dirty"
+
+    def tail(self, account_id: str) -> str:
+        """Events of one account stored since its last rollover."""
+        return f"{{{self.tag}}}:tail:{account_id}"
+
+    def rate(self, client_id: str, second: int) -> str:
+        return f"{{{self.tag}}}:rate:{client_id}:{second}"
+
+
+def partitions(settings: Settings) -> list[Partition]:
+    return [Partition(i, f"{settings.stream_key}:{i}") for i in range(settings.stream_partitions)]
+
+
+def partition_of(settings: Settings, account_id: str) -> Partition:
+    """The partition a batch goes to: by its first event's account (a batch is never split)."""
+    index = zlib.crc32(account_id.encode()) % settings.stream_partitions
+    return Partition(index, f"{settings.stream_key}:{index}")
+
+
+def lease(settings: Settings) -> str:
+    return f"{settings.mongo_db}:rollups:lease"
+
+
+def rollup_schedule(settings: Settings) -> str:
+    """Accounts scored by the minute a bucket of theirs leaves a window."""
+    return f"{settings.mongo_db}:rollups:schedule"
+
+
+def rollup_progress(settings: Settings) -> str:
+    """The minute the last complete rollover pass rolled every due account to."""
+    return f"{settings.mongo_db}:rollups:minute"
+
+
+def summary_cache(settings: Settings, *parts: str) -> str:
+    return ":".join((settings.mongo_db, "summary", *parts))

@@ -1,0 +1,118 @@
+"""The rollup documents: per-account heads, window aggregates and buckets.
+
+Per account there is one **head** (``rollup_heads``, ``_id`` = account): the
+minute ``S`` its aggregates end at, which tail entries they include (the last
+applied id per stream partition), and the ids of the documents that hold its
+figures:
+
+- one **window aggregate** per window (``rollup_windows``): the exact counts of
+  ``[window_start(w, S), S)``, so a summary reads one of them, not hundreds of
+  buckets;
+- its non-empty **minute** and **hour buckets** (``rollup_minutes``,
+  ``rollup_hours``), which the rollup job subtracts as windows move on, and
+  which time series read.
+
+The head is the only document ever rewritten, by compare-and-set on its
+``version``; everything it names is immutable (a changed bucket or aggregate
+is a new document with a new id). A reader that takes the head and then the
+documents it names therefore sees one consistent state, whatever a rollup job
+is doing meanwhile, and a job that lost a race (or crashed half-way) leaves
+nothing a reader can see. Superseded documents are deleted one rollover later,
+so a reader holding the previous head still finds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+from bson import Binary
+
+from core import keys
+from core.buckets import PACKED_FIELDS, Packed, Resolution, to_datetime
+from core.store import Database, Document
+from core.tail import StreamId, format_id, parse_id
+
+Kind = Literal["minute", "hour", "window"]
+COLLECTIONS: dict[Kind, str] = {"minute": keys.MINUTES, "hour": keys.HOURS, "window": keys.WINDOWS}
+
+_encode = msgspec.msgpack.Encoder().encode
+_refs = msgspec.msgpack.Decoder(list[tuple[int, int]])
+
+
+def bucket_id(account_id: str, resolution: Resolution, start: int, version: int) -> str:
+    return f"{account_id}|{resolution[0]}|{start}|{version}"
+
+
+def window_id(account_id: str, window: str, minute: int, version: int) -> str:
+    return f"{account_id}|w|{window}|{minute}|{version}"
+
+
+@dataclass
+class Head:
+    account_id: str
+    version: int = 0  # 0: not stored yet
+    minute: int | None = None  # S: the aggregates cover up to here (exclusive)
+    applied: dict[int, StreamId] = field(default_factory=dict)  # per partition
+    windows: dict[str, str] = field(default_factory=dict)  # window -> aggregate id
+    minutes: dict[int, int] = field(default_factory=dict)  # non-empty bucket start -> version
+    hours: dict[int, int] = field(default_factory=dict)
+    retired: list[tuple[Kind, str]] = field(default_factory=list)  # delete next time
+
+    def applied_id(self, partition: int) -> StreamId:
+        return self.applied.get(partition, (0, 0))
+
+    def buckets(self, resolution: Resolution) -> dict[int, int]:
+        return self.minutes if resolution == "minute" else self.hours
+
+    def bucket_doc_id(self, resolution: Resolution, start: int) -> str | None:
+        version = self.buckets(resolution).get(start)
+        return None if version is None else bucket_id(self.account_id, resolution, start, version)
+
+    def to_document(self) -> Document:
+        return {
+            "_id": self.account_id,
+            "account_id": self.account_id,
+            "version": self.version,
+            "minute": self.minute,
+            "minute_at": to_datetime(self.minute) if self.minute is not None else None,
+            "applied": {str(p): format_id(i) for p, i in self.applied.items()},
+            "windows": self.windows,
+            "minutes": Binary(_encode(sorted(self.minutes.items()))),
+            "hours": Binary(_encode(sorted(self.hours.items()))),
+            "retired": [[kind, doc_id] for kind, doc_id in self.retired],
+        }
+
+    @classmethod
+    def from_document(cls, doc: Document) -> Head:
+        return cls(
+            account_id=doc["account_id"],
+            version=int(doc["version"]),
+            minute=doc.get("minute"),
+            applied={int(p): parse_id(i) for p, i in doc.get("applied", {}).items()},
+            windows=dict(doc.get("windows", {})),
+            minutes=dict(_refs.decode(doc["minutes"])),
+            hours=dict(_refs.decode(doc["hours"])),
+            retired=[(kind, doc_id) for kind, doc_id in doc.get("retired", [])],
+        )
+
+
+async def read_head(db: Database, account_id: str) -> Head | None:
+    doc = await db[keys.HEADS].find_one({"_id": account_id})
+    return Head.from_document(doc) if doc else None
+
+
+PROJECTION = dict.fromkeys(PACKED_FIELDS, 1)
+
+
+async def read_packed(db: Database, kind: Kind, doc_id: str) -> Packed | None:
+    """The counts of one rollup document; None when it no longer exists."""
+    doc = await db[COLLECTIONS[kind]].find_one({"_id": doc_id}, PROJECTION)
+    return Packed.of(doc) if doc else None
+
+
+def document(kind: Kind, doc_id: str, account_id: str, start: int, packed: dict[str, Any],
+             **extra: Any) -> Document:  # fmt: skip
+    return {"_id": doc_id, "account_id": account_id, "kind": kind, "start": to_datetime(start),
+            **packed, **extra}  # fmt: skip

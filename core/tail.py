@@ -1,0 +1,106 @@
+"""The live tail: each account's stored events that are not in its window aggregates yet.
+
+When a flusher acknowledges a stream entry it appends, in the same atomic
+Redis script, one tail entry per account of that batch holding exactly the
+events the batch newly stored (re-sent duplicates excluded). So the tail is
+the exact, ordered record of what became visible in MongoDB, and:
+
+- ``GET /summary`` adds the tail events its window covers to the account's
+  window aggregate (``core/rollup_docs.py``): exact up to the moment it read
+  the tail, whatever the rollup job is doing;
+- the rollup job folds tail events into buckets and aggregates once a minute,
+  then drops the entries it no longer needs.
+
+Tail keys live in the stream partition of the batch that wrote them, so an
+account may have a tail in several partitions; readers read all of them.
+Entry ids (``ms-seq``) order entries within one partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from core.keys import Partition
+
+StreamId = tuple[int, int]
+ZERO_ID: StreamId = (0, 0)
+
+
+class TailEvents(msgspec.Struct, array_like=True, gc=False):
+    """One batch's newly stored events of one account, as parallel lists."""
+
+    ts: list[int]  # epoch ms
+    types: list[str]
+    users: list[str]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(TailEvents)
+
+
+def encode(events: TailEvents) -> bytes:
+    return _encoder.encode(events)
+
+
+def parse_id(raw: bytes | str) -> StreamId:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    left, _, right = text.partition("-")
+    return int(left), int(right or 0)
+
+
+def format_id(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+@dataclass(frozen=True)
+class TailEntry:
+    partition: int
+    entry_id: StreamId
+    events: TailEvents
+
+    @property
+    def newest(self) -> int:
+        return max(self.events.ts)
+
+
+def parse_entries(partition: int, reply: Sequence[Any]) -> list[TailEntry]:
+    """Entries of an XRANGE reply."""
+    out: list[TailEntry] = []
+    for entry_id, fields in reply:
+        blob = fields.get(b"e")
+        if blob is None:
+            continue
+        out.append(TailEntry(partition, parse_id(entry_id), _decoder.decode(blob)))
+    return out
+
+
+def queue_reads(pipe: Any, parts: Sequence[Partition], account_id: str) -> None:
+    """Queue an XRANGE of the account's tail in every partition."""
+    for part in parts:
+        pipe.xrange(part.tail(account_id), "-", "+")
+
+
+def parse_reads(parts: Sequence[Partition], replies: Sequence[Any]) -> list[TailEntry]:
+    entries: list[TailEntry] = []
+    for part, reply in zip(parts, replies, strict=True):
+        entries.extend(parse_entries(part.index, reply))
+    return entries
+
+
+def redis_time_ms(reply: Sequence[Any]) -> int:
+    """The Redis server's clock (TIME): the one clock every process of the service shares."""
+    seconds, micros = int(reply[0]), int(reply[1])
+    return seconds * 1000 + micros // 1000
+
+
+def last_ids(entries: Sequence[TailEntry]) -> dict[int, StreamId]:
+    """The newest entry id per partition."""
+    out: dict[int, StreamId] = {}
+    for entry in entries:
+        if entry.entry_id > out.get(entry.partition, ZERO_ID):
+            out[entry.partition] = entry.entry_id
+    return out

@@ -1,0 +1,410 @@
+"""Rolling an account forward: tail events into buckets, windows moved to a new minute.
+
+A rollover of one account to minute ``S`` (``core/rollup_docs.py`` has the
+documents):
+
+1. takes the tail events that now belong in buckets: those before ``S`` that
+   the account's aggregates do not hold yet (events at or after the previous
+   ``S`` from any tail entry, and earlier, late ones from entries it had not
+   applied);
+2. writes new versions of the minute and hour buckets they fall in;
+3. moves every window aggregate from ``[start(w, S_old), S_old)`` to
+   ``[start(w, S), S)``: minus the buckets that left (as they were, before this
+   rollover), plus the events that entered;
+4. publishes it all by compare-and-set of the head, then deletes what the
+   previous rollover superseded and trims the tail entries nothing needs.
+
+Nothing is ever recounted from raw events and nothing is incremented in
+place: every figure is derived from immutable documents plus tail events the
+flusher counted exactly once. A rollover that loses the head race, or dies
+half-way, leaves only documents no head names; running it again gives the
+same result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from bson import Binary
+from pymongo.errors import DuplicateKeyError
+from redis.asyncio import Redis
+
+from core import keys
+from core.buckets import (
+    HOUR,
+    MINUTE,
+    WINDOWS,
+    Counts,
+    Resolution,
+    floor,
+    leaving_resolution,
+    pack,
+    window_start,
+)
+from core.rollup_docs import (
+    COLLECTIONS,
+    Head,
+    Kind,
+    bucket_id,
+    document,
+    read_head,
+    read_packed,
+    window_id,
+)
+from core.settings import Settings
+from core.store import Database, Document
+from core.tail import StreamId, TailEntry, format_id, parse_reads, queue_reads
+
+log = logging.getLogger(__name__)
+
+CACHE_DOCUMENTS = 20_000
+_encode = msgspec.msgpack.Encoder().encode
+_series_decoder = msgspec.msgpack.Decoder(dict[int, tuple[int, dict[str, int]]])
+
+# Delete the account's tail entries that were applied and hold nothing at or
+# after the new minute; drop the account from the dirty set once its tail is
+# empty (the flusher adds it back with its next entry).
+# KEYS: tail, dirty; ARGV: account, ids to delete...
+_TRIM = """
+if #ARGV > 1 then redis.call('XDEL', KEYS[1], unpack(ARGV, 2)) end
+if redis.call('XLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+
+class HeadConflict(Exception):
+    """Another rollup job moved the head first; this rollover was dropped."""
+
+
+@dataclass
+class Rolled:
+    """What one rollover did."""
+
+    head: Head
+    events: int = 0
+    documents: dict[Kind, int] = field(default_factory=dict)
+
+
+class DocumentCache:
+    """Immutable rollup documents by id: a cached one is never stale."""
+
+    def __init__(self, size: int = CACHE_DOCUMENTS) -> None:
+        self._items: OrderedDict[str, Counts] = OrderedDict()
+        self._size = size
+
+    def get(self, doc_id: str) -> Counts | None:
+        found = self._items.get(doc_id)
+        if found is not None:
+            self._items.move_to_end(doc_id)
+        return found
+
+    def put(self, doc_id: str, counts: Counts) -> None:
+        self._items[doc_id] = counts
+        self._items.move_to_end(doc_id)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+@dataclass
+class Series:
+    """Per-minute totals and types of one hour (for time series), in its hour bucket."""
+
+    minutes: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
+
+    def add(self, minute: int, counts: Counts) -> None:
+        total, types = self.minutes.get(minute, (0, {}))
+        merged = dict(types)
+        for t, n in counts.types.items():
+            merged[t] = merged.get(t, 0) + n
+        self.minutes[minute] = (total + counts.total, merged)
+
+
+class Roller:
+    """Rolls accounts forward; keeps the heads and documents it has seen in memory."""
+
+    def __init__(self, db: Database, redis: Redis, settings: Settings) -> None:
+        self.db = db
+        self.redis = redis
+        self.settings = settings
+        self.partitions = keys.partitions(settings)
+        self.cache = DocumentCache()
+        self.heads: dict[str, Head] = {}
+        self._trim = redis.register_script(_TRIM)
+
+    def forget_heads(self) -> None:
+        """Another job may have written heads (we lost the lease for a while)."""
+        self.heads.clear()
+
+    async def head(self, account_id: str) -> Head:
+        cached = self.heads.get(account_id)
+        if cached is not None:
+            return cached
+        return await read_head(self.db, account_id) or Head(account_id)
+
+    async def read_tail(self, account_id: str) -> list[TailEntry]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            queue_reads(pipe, self.partitions, account_id)
+            replies = await pipe.execute()
+        return parse_reads(self.partitions, replies)
+
+    async def roll(
+        self, account_id: str, minute: int, corrections: dict[int, Counts] | None = None
+    ) -> Rolled | None:
+        """Roll one account to ``minute``; None when there was nothing to do.
+
+        ``corrections`` (per minute, signed; from the backfill) are applied as
+        if they were tail events.
+        """
+        head = await self.head(account_id)
+        entries = await self.read_tail(account_id)
+        try:
+            rolled = await self._roll(head, entries, minute, corrections or {})
+        except HeadConflict:
+            self.heads.pop(account_id, None)
+            raise
+        if rolled is None:
+            return None
+        self.heads[account_id] = rolled.head
+        await self._delete_retired(head.retired)
+        await self._trim_tail(account_id, entries, rolled.head)
+        return rolled
+
+    async def _roll(
+        self, old: Head, entries: list[TailEntry], minute: int, corrections: dict[int, Counts]
+    ) -> Rolled | None:
+        if old.minute is not None and minute < old.minute:
+            return None  # a clock that went back; the next pass catches up
+        applied = self._to_apply(old, entries, minute)
+        for m, delta in corrections.items():
+            applied.setdefault(m, Counts()).merge(delta)
+        applied = {m: c for m, c in applied.items() if c.total or c.types or c.users}
+        moved = old.minute != minute
+        if not applied and not moved:
+            return None
+        new = Head(
+            account_id=old.account_id,
+            version=old.version + 1,
+            minute=minute,
+            applied=_advanced(old.applied, entries),
+            windows=dict(old.windows),
+            minutes=dict(old.minutes),
+            hours=dict(old.hours),
+        )
+        rolled = Rolled(new, events=sum(c.total for c in applied.values()))
+        docs: dict[Kind, list[Document]] = {"minute": [], "hour": [], "window": []}
+        retired: list[tuple[Kind, str]] = []
+        await self._write_windows(old, new, applied, docs, retired)
+        await self._write_buckets(old, new, applied, docs, retired)
+        self._prune_indexes(new)
+        new.retired = retired
+        await self._publish(old, new, docs)
+        for kind, written in docs.items():
+            rolled.documents[kind] = len(written)
+        return rolled
+
+    def _to_apply(self, old: Head, entries: list[TailEntry], minute: int) -> dict[int, Counts]:
+        """Tail events that belong in buckets now, counted per minute."""
+        per_minute: dict[int, Counts] = {}
+        since = old.minute
+        for entry in entries:
+            unapplied = entry.entry_id > old.applied_id(entry.partition)
+            events = entry.events
+            for ts, event_type, user in zip(events.ts, events.types, events.users, strict=True):
+                if ts >= minute:
+                    continue  # still ahead: stays in the tail
+                if (since is not None and ts >= since) or unapplied:
+                    m = ts - ts % MINUTE
+                    counts = per_minute.get(m)
+                    if counts is None:
+                        counts = per_minute[m] = Counts()
+                    counts.add_event(event_type, user)
+        return per_minute
+
+    async def _counts(self, kind: Kind, doc_id: str | None) -> Counts:
+        if doc_id is None:
+            return Counts()
+        cached = self.cache.get(doc_id)
+        if cached is not None:
+            return cached
+        packed = await read_packed(self.db, kind, doc_id)
+        if packed is None:
+            raise LookupError(f"{kind} document {doc_id} is missing")
+        counts = packed.unpack()
+        self.cache.put(doc_id, counts)
+        return counts
+
+    async def _write_windows(
+        self,
+        old: Head,
+        new: Head,
+        applied: dict[int, Counts],
+        docs: dict[Kind, list[Document]],
+        retired: list[tuple[Kind, str]],
+    ) -> None:
+        assert new.minute is not None
+        for window in WINDOWS:
+            start = window_start(window, new.minute)
+            entering = [c for m, c in applied.items() if start <= m]
+            leaving: list[Counts] = []
+            if old.minute is not None:
+                resolution = leaving_resolution(window)
+                gone_from, gone_to = window_start(window, old.minute), start
+                for bucket_start in sorted(old.buckets(resolution)):
+                    if gone_from <= bucket_start < gone_to:
+                        doc_id = old.bucket_doc_id(resolution, bucket_start)
+                        leaving.append(await self._counts(resolution, doc_id))
+            if not entering and not leaving:
+                continue
+            current_id = old.windows.get(window)
+            counts = (await self._counts("window", current_id)).copy()
+            for gone in leaving:
+                counts.merge(gone, -1)
+            for came in entering:
+                counts.merge(came)
+            if current_id:
+                retired.append(("window", current_id))
+            if not counts:
+                new.windows.pop(window, None)
+                continue
+            doc_id = window_id(new.account_id, window, new.minute, new.version)
+            new.windows[window] = doc_id
+            self.cache.put(doc_id, counts)
+            docs["window"].append(document("window", doc_id, new.account_id, start, pack(counts),
+                                           window=window, minute=new.minute))  # fmt: skip
+
+    async def _write_buckets(
+        self,
+        old: Head,
+        new: Head,
+        applied: dict[int, Counts],
+        docs: dict[Kind, list[Document]],
+        retired: list[tuple[Kind, str]],
+    ) -> None:
+        assert new.minute is not None
+        minute_floor = new.minute - self.settings.minute_retention_hours * HOUR
+        hour_floor = new.minute - self.settings.hour_retention_days * 24 * HOUR
+        per_hour: dict[int, list[tuple[int, Counts]]] = {}
+        for m, delta in sorted(applied.items()):
+            per_hour.setdefault(floor(m, "hour"), []).append((m, delta))
+            if m < minute_floor:
+                continue  # past minute retention: only its hour is kept
+            await self._new_version(old, new, "minute", m, [delta], docs, retired)
+        for h, minutes in per_hour.items():
+            if h < hour_floor:
+                continue
+            await self._new_version(old, new, "hour", h, [d for _, d in minutes], docs, retired,
+                                    series=minutes)  # fmt: skip
+
+    async def _new_version(
+        self,
+        old: Head,
+        new: Head,
+        resolution: Resolution,
+        start: int,
+        deltas: list[Counts],
+        docs: dict[Kind, list[Document]],
+        retired: list[tuple[Kind, str]],
+        series: list[tuple[int, Counts]] | None = None,
+    ) -> None:
+        current_id = old.bucket_doc_id(resolution, start)
+        counts = (await self._counts(resolution, current_id)).copy()
+        for delta in deltas:
+            counts.merge(delta)
+        extra: dict[str, Any] = {}
+        if series is not None:
+            current = await self._series(current_id)
+            for m, delta in series:
+                current.add(m, delta)
+            extra["series"] = Binary(_encode(current.minutes))
+        doc_id = bucket_id(new.account_id, resolution, start, new.version)
+        new.buckets(resolution)[start] = new.version
+        if current_id:
+            retired.append((resolution, current_id))
+        self.cache.put(doc_id, counts)
+        docs[resolution].append(document(resolution, doc_id, new.account_id, start, pack(counts),
+                                         **extra))  # fmt: skip
+
+    async def _series(self, doc_id: str | None) -> Series:
+        if doc_id is None:
+            return Series()
+        doc = await self.db[keys.HOURS].find_one({"_id": doc_id}, {"series": 1})
+        if doc is None or "series" not in doc:
+            return Series()
+        return Series(dict(_series_decoder.decode(doc["series"])))
+
+    def _prune_indexes(self, head: Head) -> None:
+        """Forget buckets past retention (retention deletes their documents)."""
+        assert head.minute is not None
+        minute_floor = head.minute - self.settings.minute_retention_hours * HOUR
+        hour_floor = head.minute - self.settings.hour_retention_days * 24 * HOUR
+        head.minutes = {m: v for m, v in head.minutes.items() if m >= minute_floor}
+        head.hours = {h: v for h, v in head.hours.items() if h >= hour_floor}
+
+    async def _publish(self, old: Head, new: Head, docs: dict[Kind, list[Document]]) -> None:
+        """Insert the new documents, then swing the head to them (compare-and-set)."""
+        for kind, written in docs.items():
+            if written:
+                await self.db[COLLECTIONS[kind]].insert_many(written, ordered=False)
+        heads = self.db[keys.HEADS]
+        try:
+            if old.version == 0:
+                await heads.insert_one(new.to_document())
+                return
+            result = await heads.replace_one(
+                {"_id": new.account_id, "version": old.version}, new.to_document()
+            )
+            if result.matched_count == 1:
+                return
+        except DuplicateKeyError:
+            pass
+        await self._discard(docs)
+        raise HeadConflict(new.account_id)
+
+    async def _discard(self, docs: dict[Kind, list[Document]]) -> None:
+        for kind, written in docs.items():
+            for doc in written:
+                await self.db[COLLECTIONS[kind]].delete_one({"_id": doc["_id"]})
+
+    async def _delete_retired(self, retired: Iterable[tuple[Kind, str]]) -> None:
+        for kind, doc_id in retired:
+            await self.db[COLLECTIONS[kind]].delete_one({"_id": doc_id})
+
+    async def _trim_tail(self, account_id: str, entries: list[TailEntry], head: Head) -> None:
+        assert head.minute is not None
+        by_partition: dict[int, list[str]] = {}
+        for entry in entries:
+            if entry.entry_id <= head.applied_id(entry.partition) and entry.newest < head.minute:
+                by_partition.setdefault(entry.partition, []).append(format_id(entry.entry_id))
+        for part in self.partitions:
+            ids = by_partition.get(part.index, [])
+            await self._trim(keys=[part.tail(account_id), part.dirty], args=[account_id, *ids])
+
+
+def _advanced(applied: dict[int, StreamId], entries: list[TailEntry]) -> dict[int, StreamId]:
+    out = dict(applied)
+    for entry in entries:
+        if entry.entry_id > out.get(entry.partition, (0, 0)):
+            out[entry.partition] = entry.entry_id
+    return out
+
+
+def next_change(head: Head) -> int | None:
+    """The first minute at which a bucket of this account leaves one of its windows."""
+    if head.minute is None:
+        return None
+    due: list[int] = []
+    for window, length in WINDOWS.items():
+        start = window_start(window, head.minute)
+        resolution = leaving_resolution(window)
+        inside = [b for b in head.buckets(resolution) if b >= start]
+        if not inside:
+            continue
+        first = min(inside)
+        # it leaves once the window starts after it
+        due.append(first + MINUTE + length if resolution == "minute" else first + HOUR + length)
+    return min(due) if due else None
