@@ -151,6 +151,8 @@ def _schema_problems(body: bytes) -> list[Problem]:
         return [Problem(None, None, "the body must be a JSON array of event objects")]
     except msgspec.DecodeError as exc:
         raise NotJSON(str(exc)) from None
+    except RecursionError:
+        return [Problem(None, "metadata", "nested too deeply")]
     problems: list[Problem] = []
     for index, raw in enumerate(items):
         try:
@@ -161,6 +163,8 @@ def _schema_problems(body: bytes) -> list[Problem]:
                 break
         except RecursionError:
             problems.append(Problem(index, "metadata", "nested too deeply"))
+            if len(problems) >= MAX_PROBLEMS:
+                break
     # never an empty list: the caller must not mistake a refusal for success
     return problems or [Problem(None, None, "the batch does not match the event schema")]
 

@@ -14,7 +14,8 @@ figures:
 
 The head is the only document ever rewritten, by compare-and-set on its
 ``version``; everything it names is immutable (a changed bucket or aggregate
-is a new document with a new id). A reader that takes the head and then the
+is a new document with a new id, tagged by the rollover that wrote it, so
+two jobs racing never write the same id). A reader that takes the head and then the
 documents it names therefore sees one consistent state, whatever a rollup job
 is doing meanwhile, and a job that lost a race (or crashed half-way) leaves
 nothing a reader can see. Superseded documents are deleted one rollover later,
@@ -24,7 +25,7 @@ so a reader holding the previous head still finds them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 from bson import Binary
@@ -38,15 +39,15 @@ Kind = Literal["minute", "hour", "window"]
 COLLECTIONS: dict[Kind, str] = {"minute": keys.MINUTES, "hour": keys.HOURS, "window": keys.WINDOWS}
 
 _encode = msgspec.msgpack.Encoder().encode
-_refs = msgspec.msgpack.Decoder(list[tuple[int, int]])
+_refs = msgspec.msgpack.Decoder(list[tuple[int, str]])
 
 
-def bucket_id(account_id: str, resolution: Resolution, start: int, version: int) -> str:
-    return f"{account_id}|{resolution[0]}|{start}|{version}"
+def bucket_id(account_id: str, resolution: Resolution, start: int, tag: str) -> str:
+    return f"{account_id}|{resolution[0]}|{start}|{tag}"
 
 
-def window_id(account_id: str, window: str, minute: int, version: int) -> str:
-    return f"{account_id}|w|{window}|{minute}|{version}"
+def window_id(account_id: str, window: str, minute: int, tag: str) -> str:
+    return f"{account_id}|w|{window}|{minute}|{tag}"
 
 
 @dataclass
@@ -56,19 +57,20 @@ class Head:
     minute: int | None = None  # S: the aggregates cover up to here (exclusive)
     applied: dict[int, StreamId] = field(default_factory=dict)  # per partition
     windows: dict[str, str] = field(default_factory=dict)  # window -> aggregate id
-    minutes: dict[int, int] = field(default_factory=dict)  # non-empty bucket start -> version
-    hours: dict[int, int] = field(default_factory=dict)
+    # non-empty buckets: start -> the tag of the rollover that wrote the current version
+    minutes: dict[int, str] = field(default_factory=dict)
+    hours: dict[int, str] = field(default_factory=dict)
     retired: list[tuple[Kind, str]] = field(default_factory=list)  # delete next time
 
     def applied_id(self, partition: int) -> StreamId:
         return self.applied.get(partition, (0, 0))
 
-    def buckets(self, resolution: Resolution) -> dict[int, int]:
+    def buckets(self, resolution: Resolution) -> dict[int, str]:
         return self.minutes if resolution == "minute" else self.hours
 
     def bucket_doc_id(self, resolution: Resolution, start: int) -> str | None:
-        version = self.buckets(resolution).get(start)
-        return None if version is None else bucket_id(self.account_id, resolution, start, version)
+        tag = self.buckets(resolution).get(start)
+        return None if tag is None else bucket_id(self.account_id, resolution, start, tag)
 
     def to_document(self) -> Document:
         return {
@@ -81,7 +83,8 @@ class Head:
             "windows": self.windows,
             "minutes": Binary(_encode(sorted(self.minutes.items()))),
             "hours": Binary(_encode(sorted(self.hours.items()))),
-            "retired": [[kind, doc_id] for kind, doc_id in self.retired],
+            # FerretDB v1 stores no arrays inside arrays
+            "retired": [f"{kind} {doc_id}" for kind, doc_id in self.retired],
         }
 
     @classmethod
@@ -94,8 +97,14 @@ class Head:
             windows=dict(doc.get("windows", {})),
             minutes=dict(_refs.decode(doc["minutes"])),
             hours=dict(_refs.decode(doc["hours"])),
-            retired=[(kind, doc_id) for kind, doc_id in doc.get("retired", [])],
+            retired=[_retired(item) for item in doc.get("retired", [])],
         )
+
+
+def _retired(item: str) -> tuple[Kind, str]:
+    kind, _, doc_id = item.partition(" ")
+    assert kind in COLLECTIONS, item
+    return cast(Kind, kind), doc_id
 
 
 async def read_head(db: Database, account_id: str) -> Head | None:

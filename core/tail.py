@@ -71,6 +71,8 @@ def parse_entries(partition: int, reply: Sequence[Any]) -> list[TailEntry]:
     """Entries of an XRANGE reply."""
     out: list[TailEntry] = []
     for entry_id, fields in reply:
+        if isinstance(fields, list):  # from a Lua script: a flat field/value list
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
         blob = fields.get(b"e")
         if blob is None:
             continue

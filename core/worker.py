@@ -1,8 +1,8 @@
 """The one lifecycle every background process of the service shares.
 
 Like arq's ``Worker``: :func:`run_worker` titles the process, configures
-logging, and runs :meth:`Worker.run`, which registers the signal handlers
-once, connects to Redis and MongoDB, calls :meth:`Worker.startup` (retried
+logging, registers the signal handlers once and runs :meth:`Worker.run`,
+which connects to Redis and MongoDB, calls :meth:`Worker.startup` (retried
 while a server is unreachable), then :meth:`Worker.main` until SIGTERM/SIGINT
 (Sanic's manager stops its processes with SIGINT), then gives ``main``
 ``SHUTDOWN_GRACE_SECONDS`` to finish what it is doing, and closes the
@@ -64,9 +64,6 @@ class Worker(ABC):
         """After ``main`` ended or was given up on: release what it holds."""
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
         try:
             if await self._start():
                 await self._main_until_stopped()
@@ -112,6 +109,10 @@ def run_worker(role: str, build: Callable[[], Worker], settings: Settings) -> No
     configure_logging(role, settings.log_level)
 
     async def run() -> None:  # built inside the loop its clients will use
-        await build().run()
+        worker = build()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stopping.set)
+        await worker.run()
 
     uvloop.run(run())

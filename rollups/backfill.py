@@ -226,6 +226,8 @@ class Backfill:
             if batch in pending:
                 return True
             partition, _, entry_id = batch.partition(":")
+            if not partition.isdigit() or not entry_id:
+                return False  # not from a stream (restored or imported): raw is the truth
             return parse_id(entry_id) > delivered.get(int(partition), (0, 0))
 
         return excluded, tails

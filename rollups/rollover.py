@@ -24,6 +24,7 @@ same result.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -196,10 +197,11 @@ class Roller:
             hours=dict(old.hours),
         )
         rolled = Rolled(new, events=sum(c.total for c in applied.values()))
+        tag = f"{new.version}.{secrets.token_hex(3)}"
         docs: dict[Kind, list[Document]] = {"minute": [], "hour": [], "window": []}
         retired: list[tuple[Kind, str]] = []
-        await self._write_windows(old, new, applied, docs, retired)
-        await self._write_buckets(old, new, applied, docs, retired)
+        await self._write_windows(old, new, tag, applied, docs, retired)
+        await self._write_buckets(old, new, tag, applied, docs, retired)
         self._prune_indexes(new)
         new.retired = retired
         await self._publish(old, new, docs)
@@ -242,6 +244,7 @@ class Roller:
         self,
         old: Head,
         new: Head,
+        tag: str,
         applied: dict[int, Counts],
         docs: dict[Kind, list[Document]],
         retired: list[tuple[Kind, str]],
@@ -271,7 +274,7 @@ class Roller:
             if not counts:
                 new.windows.pop(window, None)
                 continue
-            doc_id = window_id(new.account_id, window, new.minute, new.version)
+            doc_id = window_id(new.account_id, window, new.minute, tag)
             new.windows[window] = doc_id
             self.cache.put(doc_id, counts)
             docs["window"].append(document("window", doc_id, new.account_id, start, pack(counts),
@@ -281,6 +284,7 @@ class Roller:
         self,
         old: Head,
         new: Head,
+        tag: str,
         applied: dict[int, Counts],
         docs: dict[Kind, list[Document]],
         retired: list[tuple[Kind, str]],
@@ -293,17 +297,18 @@ class Roller:
             per_hour.setdefault(floor(m, "hour"), []).append((m, delta))
             if m < minute_floor:
                 continue  # past minute retention: only its hour is kept
-            await self._new_version(old, new, "minute", m, [delta], docs, retired)
+            await self._new_version(old, new, tag, "minute", m, [delta], docs, retired)
         for h, minutes in per_hour.items():
             if h < hour_floor:
                 continue
-            await self._new_version(old, new, "hour", h, [d for _, d in minutes], docs, retired,
-                                    series=minutes)  # fmt: skip
+            deltas = [d for _, d in minutes]
+            await self._new_version(old, new, tag, "hour", h, deltas, docs, retired, minutes)
 
     async def _new_version(
         self,
         old: Head,
         new: Head,
+        tag: str,
         resolution: Resolution,
         start: int,
         deltas: list[Counts],
@@ -321,8 +326,8 @@ class Roller:
             for m, delta in series:
                 current.add(m, delta)
             extra["series"] = Binary(_encode(current.minutes))
-        doc_id = bucket_id(new.account_id, resolution, start, new.version)
-        new.buckets(resolution)[start] = new.version
+        doc_id = bucket_id(new.account_id, resolution, start, tag)
+        new.buckets(resolution)[start] = tag
         if current_id:
             retired.append((resolution, current_id))
         self.cache.put(doc_id, counts)
@@ -351,7 +356,7 @@ class Roller:
             if written:
                 await self.db[COLLECTIONS[kind]].insert_many(written, ordered=False)
         heads = self.db[keys.HEADS]
-        try:
+        try:  # our ids are ours alone (tagged): an insert cannot collide with a rival's
             if old.version == 0:
                 await heads.insert_one(new.to_document())
                 return

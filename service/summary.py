@@ -146,7 +146,7 @@ async def _left(db: Database, head: Head, window: str, minute: int, reads: Reads
 
 
 def combine(figures: Figures, base: Packed, extra: Counts, left: Counts) -> None:
-    """The aggregate, minus what left, plus the tail."""
+    """The aggregate, minus the buckets that left, plus the tail."""
     figures.total = base.total - left.total + extra.total
     types = dict(base.types)
     for t, n in left.types.items():
@@ -154,29 +154,43 @@ def combine(figures: Figures, base: Packed, extra: Counts, left: Counts) -> None
     for t, n in extra.types.items():
         types[t] = types.get(t, 0) + n
     figures.types = {t: n for t, n in types.items() if n}
-    if left.total:  # rare: every user is needed
-        users = base.users()
-        counts = Counts(0, {}, users)
-        counts.merge(left, -1)
-        counts.merge(Counts(0, {}, extra.users))
-        figures.unique_users = len(counts.users)
-        figures.top = top_users(counts.users, MAX_TOP)
-        return
-    if not extra.users:
+    if not extra.users and not left.users:
         figures.unique_users, figures.top = base.unique_users, base.top
         return
-    # users only gain events: the new top 100 is among the old top 100 and the
-    # users the tail touched
+    # only the users the tail or the left buckets touch change: look them up
+    # in the aggregate instead of unpacking all of its users
     index = base.index()
     candidates = dict(base.top)
-    fresh = 0
-    for user, n in extra.users.items():
+    unique = base.unique_users
+    for user in set(extra.users) | set(left.users):
         before = index.get(user)
-        if before == 0:
-            fresh += 1
-        candidates[user] = before + n
-    figures.unique_users = base.unique_users + fresh
+        after = before - left.users.get(user, 0) + extra.users.get(user, 0)
+        unique += (after > 0) - (before > 0)
+        if after:
+            candidates[user] = after
+        else:
+            candidates.pop(user, None)
+    figures.unique_users = unique
+    if base.unique_users > len(base.top) and _top_may_be_elsewhere(base, candidates):
+        users = base.users()
+        for user, n in candidates.items():
+            users[user] = n
+        for user in left.users:
+            if user not in candidates:
+                users.pop(user, None)
+        candidates = users
     figures.top = top_users(candidates, MAX_TOP)
+
+
+def _top_may_be_elsewhere(base: Packed, candidates: dict[str, int]) -> bool:
+    """Whether a user outside the candidates could now be among the top 100.
+
+    Every other user ranks behind the aggregate's 100th; while at least 100
+    candidates still rank at or ahead of it, none of them can get in.
+    """
+    last_user, last_n = base.top[-1]
+    ahead = sum(1 for u, n in candidates.items() if (-n, u) <= (-last_n, last_user))
+    return ahead < MAX_TOP
 
 
 @dataclass

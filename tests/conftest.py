@@ -1,20 +1,35 @@
-"""Fixtures: real Redis and FerretDB (or REDIS_URL / MONGO_URL), real service processes.
+"""Fixtures: real Redis and FerretDB (or REDIS_URL / MONGO_URL), the service in-process
+or as real processes.
 
-Each test module gets its own database and stream names, so modules never see
-each other's data even on shared servers.
+Like arq's tests, most tests build the app and the workers in-process, against
+the real servers (``app``: the Sanic app served on a free port in the test's
+event loop; ``Flusher`` and ``Roller`` driven directly). Tests that need real
+processes (kill, restart, signals) start ``sanic`` as a subprocess
+(``start_service``). Each gets its own database and stream names.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+# prometheus-client reads this when core.metrics is first imported
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="events-test-metrics-"))
 
-from scripts.stack import Stack, running_stack
-from tests.support import Backends, Service, service_env
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+from sanic import Sanic  # noqa: E402
+
+from core.settings import Settings, load_settings  # noqa: E402
+from scripts.stack import Stack, free_port, running_stack  # noqa: E402
+from service.app import build_app  # noqa: E402
+from service.flusher import Flusher  # noqa: E402
+from tests.support import Backends, Service, service_env, unique  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +39,106 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         var_dir, os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")
     ) as started:
         yield started
+
+
+def settings_for(stack: Stack, **overrides: Any) -> Settings:
+    """Settings for one isolated service: its own database and stream names."""
+    env = {
+        "REDIS_URL": stack.redis_url,
+        "MONGO_URL": stack.mongo_url,
+        "MONGO_DB": unique("test"),
+        "STREAM_KEY": unique("stream"),
+        "VAR_DIR": tempfile.mkdtemp(prefix="events-test-var-"),
+        "FLUSH_INTERVAL_MS": "50",
+        "CLAIM_IDLE_MS": "1000",
+        "SHUTDOWN_GRACE_SECONDS": "3",
+        "SUMMARY_CACHE_SECONDS": "0",
+    }
+    env.update({k.upper(): str(v) for k, v in overrides.items()})
+    return load_settings(env)
+
+
+def backends_for(settings: Settings) -> Backends:
+    return Backends(settings.redis_url, settings.mongo_url, settings.mongo_db, settings.stream_key)
+
+
+@dataclass
+class Running:
+    """The app served in-process on a free port, and the workers a test started."""
+
+    settings: Settings
+    backends: Backends
+    client: httpx.AsyncClient
+    server: Any
+    application: Any
+    workers: list[tuple[Any, asyncio.Task[None]]] = field(default_factory=list)
+
+    @property
+    def redis(self) -> Any:
+        """The app's own async Redis client."""
+        return self.application.ctx.redis
+
+    @property
+    def db(self) -> Any:
+        """The app's own async MongoDB database."""
+        return self.application.ctx.db
+
+    async def post(self, events: Any, **kwargs: Any) -> httpx.Response:
+        return await self.client.post("/events", json=events, **kwargs)
+
+    def start_flusher(self, slot: int = 0, **overrides: Any) -> Flusher:
+        settings = self.settings
+        if overrides:
+            from dataclasses import replace
+
+            settings = replace(settings, **overrides)
+        flusher = Flusher(settings, slot)
+        self.workers.append((flusher, asyncio.ensure_future(flusher.run())))
+        return flusher
+
+    async def stop_workers(self) -> None:
+        for worker, task in self.workers:
+            worker.stopping.set()
+        for _, task in self.workers:
+            await asyncio.wait_for(task, 30)
+        self.workers.clear()
+
+
+AppFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def app(stack: Stack) -> AsyncIterator[AppFactory]:
+    """Start the app in-process: ``running = await app(**setting_overrides)``."""
+    Sanic.test_mode = True  # several apps of the same name in one process
+    started: list[Running] = []
+
+    async def start(**overrides: Any) -> Running:
+        settings = settings_for(stack, **overrides)
+        application = build_app(settings)
+        port = free_port()
+        server = await application.create_server(
+            host="127.0.0.1", port=port, return_asyncio_server=True
+        )
+        assert server is not None
+        await server.startup()
+        await server.before_start()
+        await server.after_start()
+        client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        running = Running(settings, backends_for(settings), client, server, application)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.stop_workers()
+        await running.client.aclose()
+        await running.server.before_stop()
+        await running.server.close()
+        await running.server.wait_closed()
+        await running.server.after_stop()
+        running.backends.mongo.drop_database(running.settings.mongo_db)
+        running.backends.close()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +173,7 @@ def start_service(stack: Stack, var_dir: Path) -> Iterator[ServiceFactory]:
 
 @pytest.fixture(scope="module")
 def service(start_service: ServiceFactory) -> tuple[Service, Backends]:
-    """One shared service per module (1 HTTP worker + flusher)."""
+    """One real service per module (1 HTTP worker, a flusher, the rollups process)."""
     return start_service()
 
 

@@ -10,7 +10,9 @@ from typing import Any
 import pymongo
 import redis
 
-from scripts.harness import Service, service_env, unique, wait_for
+from core import keys
+from core.settings import Settings, load_settings
+from tests.harness import Service, service_env, unique, wait_for
 
 __all__ = [
     "Backends",
@@ -63,10 +65,19 @@ class Backends:
         self.mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             self.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
         )
+        self.settings: Settings = load_settings(
+            {"REDIS_URL": self.redis_url, "MONGO_URL": self.mongo_url,
+             "MONGO_DB": self.db_name, "STREAM_KEY": self.stream}  # fmt: skip
+        )
+        self.partitions = keys.partitions(self.settings)
+
+    @property
+    def db(self) -> pymongo.database.Database[dict[str, Any]]:
+        return self.mongo[self.db_name]
 
     @property
     def events(self) -> pymongo.collection.Collection[dict[str, Any]]:
-        return self.mongo[self.db_name]["events"]
+        return self.db[keys.EVENTS]
 
     def stored(self, account: str) -> list[dict[str, Any]]:
         return list(self.events.find({"account_id": account}))
@@ -75,7 +86,26 @@ class Backends:
         return self.events.count_documents({"account_id": account})
 
     def queue_depth(self) -> int:
-        return int(self.redis.get(f"{self.stream}:depth") or 0)
+        return sum(int(self.redis.get(p.depth) or 0) for p in self.partitions)
+
+    def stream_entries(self) -> int:
+        return sum(int(self.redis.xlen(p.stream)) for p in self.partitions)
+
+    def dead_letters(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        return [e for p in self.partitions for e in self.redis.xrange(p.dead)]
+
+    def pending(self) -> int:
+        total = 0
+        for p in self.partitions:
+            if self.redis.exists(p.stream):
+                total += int(self.redis.xpending(p.stream, keys.GROUP)["pending"])
+        return total
+
+    def tail_events(self, account: str) -> int:
+        from core.tail import parse_entries
+
+        return sum(len(e.events.ts) for p in self.partitions
+                   for e in parse_entries(p.index, self.redis.xrange(p.tail(account))))  # fmt: skip
 
     def close(self) -> None:
         self.redis.close()
@@ -83,8 +113,34 @@ class Backends:
 
 
 def drained(backends: Backends, account: str, expected: int) -> Callable[[], bool]:
-    return lambda: backends.count(account) == expected and backends.queue_depth() == 0
+    """The queue is empty (nothing accepted is waiting) and ``expected`` events are stored."""
+    return lambda: backends.queue_depth() == 0 and backends.count(account) == expected
 
 
 def ids(docs: Iterable[dict[str, Any]]) -> list[str]:
     return sorted(d["event_id"] for d in docs)
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Async polling until ``check()`` is truthy, or fail with its last value.
+
+    A synchronous check runs in a thread: it must not stall the event loop the
+    in-process app and workers run on.
+    """
+    import asyncio
+    import inspect
+    import time
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        if inspect.iscoroutinefunction(check):
+            last = await check()
+        else:
+            last = await asyncio.to_thread(check)
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: {last!r}")

@@ -4,47 +4,55 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import ServiceFactory
-from tests.support import drained, make_event, unique, wait_for
+from tests.conftest import AppFactory
+from tests.support import drained, eventually, make_event, unique
 
 
-def test_api_keys(start_service: ServiceFactory) -> None:
-    service, backends = start_service(api_keys="k_one=acc_a|acc_b,k_all=*")
-    mine, other = "acc_a", "acc_z"
+async def test_api_keys_for_writing_and_reading(app: AppFactory) -> None:
+    mine, other = unique("acc_a"), unique("acc_z")
+    running = await app(api_keys=f"k_one={mine}|acc_b,k_all=*")
+    running.start_flusher()
 
-    def post(key: str | None, account: str, n: int, bearer: bool = False) -> httpx.Response:
+    async def post(key: str | None, account: str, n: int, bearer: bool = False) -> httpx.Response:
         headers = {}
         if key and bearer:
             headers["authorization"] = f"Bearer {key}"
         elif key:
             headers["x-api-key"] = key
-        return service.post([make_event(account, n)], headers=headers)
+        return await running.post([make_event(account, n)], headers=headers)
 
-    missing = post(None, mine, 1)
+    missing = await post(None, mine, 1)
     assert missing.status_code == 401
     assert missing.json()["error"] == "unauthorized"
-    assert post("wrong", mine, 2).status_code == 401
-    forbidden = service.post(
+    assert (await post("wrong", mine, 2)).status_code == 401
+    forbidden = await running.post(
         [make_event(mine, 3), make_event(other, 3)], headers={"x-api-key": "k_one"}
     )
     assert forbidden.status_code == 403
     assert forbidden.json()["accounts"] == [other]
-    assert post("k_one", mine, 4).status_code == 202
-    assert post("k_one", mine, 5, bearer=True).status_code == 202
-    assert post("k_all", other, 6).status_code == 202
-    wait_for(drained(backends, other, 1), what="the k_all event")
-    wait_for(drained(backends, mine, 2), what="the k_one events")
-    assert sorted(d["event_id"] for d in backends.stored(mine)) == ["e4", "e5"]
+    assert (await post("k_one", mine, 4)).status_code == 202
+    assert (await post("k_one", mine, 5, bearer=True)).status_code == 202
+    assert (await post("k_all", other, 6)).status_code == 202
+    await eventually(drained(running.backends, other, 1), what="the k_all event")
+    await eventually(drained(running.backends, mine, 2), what="the k_one events")
+    assert sorted(d["event_id"] for d in running.backends.stored(mine)) == ["e4", "e5"]
+    # reading needs a key that may read the account
+    client = running.client
+    assert (await client.get(f"/summary/{mine}")).status_code == 401
+    assert (await client.get(f"/summary/{other}", headers={"x-api-key": "k_one"})).status_code == 403
+    ok = await client.get(f"/summary/{mine}", headers={"x-api-key": "k_one"})
+    assert ok.status_code == 200 and ok.json()["total"] == 2
 
 
-def test_rate_limit_answers_429_with_retry_after(start_service: ServiceFactory) -> None:
-    service, backends = start_service(rate_limit_events_per_second=100)
+async def test_rate_limit_answers_429_with_retry_after(app: AppFactory) -> None:
+    running = await app(rate_limit_events_per_second=100)
+    running.start_flusher()
     account = unique("rl")
     statuses = []
     accepted = 0
     for i in range(8):
         batch = [make_event(account, i * 40 + j) for j in range(40)]
-        response = service.post(batch)
+        response = await running.post(batch)
         statuses.append(response.status_code)
         if response.status_code == 202:
             accepted += 40
@@ -53,25 +61,22 @@ def test_rate_limit_answers_429_with_retry_after(start_service: ServiceFactory) 
             assert response.json()["error"] == "rate_limited"
             assert int(response.headers["retry-after"]) >= 1
     assert 429 in statuses
-    wait_for(drained(backends, account, accepted), what=f"exactly the {accepted} accepted")
+    await eventually(drained(running.backends, account, accepted), what=f"the {accepted} accepted")
 
 
-def test_full_queue_sheds_with_503_and_recovers_when_drained(
-    start_service: ServiceFactory,
-) -> None:
-    no_flusher, backends = start_service(queue_max_events=100, run_flusher=False)
+async def test_full_queue_sheds_with_503_and_recovers_when_drained(app: AppFactory) -> None:
+    running = await app(queue_max_events=100)  # no flusher yet
     account = unique("bound")
     batch = [make_event(account, i) for i in range(50)]
-    assert no_flusher.post(batch).status_code == 202
-    assert no_flusher.post([make_event(account, 50 + i) for i in range(50)]).status_code == 202
-    shed = no_flusher.post([make_event(account, 100)])
+    assert (await running.post(batch)).status_code == 202
+    assert (await running.post([make_event(account, 50 + i) for i in range(50)])).status_code == 202
+    shed = await running.post([make_event(account, 100)])
     assert shed.status_code == 503
     assert shed.json()["error"] == "overloaded"
     assert shed.headers["retry-after"]
-    assert backends.queue_depth() == 100
-    # a flusher on the same stream drains it; ingest resumes by itself
-    start_service(queue_max_events=100, mongo_db=backends.db_name, stream_key=backends.stream)
-    wait_for(drained(backends, account, 100), what="the 100 queued events")
-    assert no_flusher.post([make_event(account, 101)]).status_code == 202
-    wait_for(drained(backends, account, 101))
-    assert "e100" not in {d["event_id"] for d in backends.stored(account)}
+    assert running.backends.queue_depth() == 100
+    running.start_flusher()  # the backlog drains; ingest resumes by itself
+    await eventually(drained(running.backends, account, 100), what="the 100 queued events")
+    assert (await running.post([make_event(account, 101)])).status_code == 202
+    await eventually(drained(running.backends, account, 101))
+    assert "e100" not in {d["event_id"] for d in running.backends.stored(account)}

@@ -29,8 +29,8 @@ def test_accepted_batch_is_stored_once_with_utc_times(service: tuple[Service, Ba
     assert first["_id"] == f"{account}|e1"
     assert first["timestamp"] == sent_at
     assert second["timestamp"] == sent_at  # +02:00 input stored as the same UTC instant
-    assert first["minute"] == sent_at.replace(second=0)
     assert first["hour"] == sent_at.replace(minute=0, second=0)
+    assert first["batch"] == second["batch"]  # the stream entry that stored both
     assert first["metadata"] == {"page": "/home", "tags": ["a", {"b": 1}]}
     assert "metadata" not in second
     assert first["ingested_at"] >= sent_at

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from core.connections import connect_redis
+from core.keys import partitions
+from core.settings import Settings, load_settings
 from scripts.stack import Stack
 from service import queue
-from service.config import Settings, load_settings
 from tests.support import unique
 
 
@@ -19,31 +21,35 @@ async def test_concurrent_enqueues_each_get_their_own_answer(stack: Stack) -> No
     # 20 batches of 5 events arrive in one tick against a bound of 50 events:
     # the script runs them in order, so exactly the first 10 fit
     settings = producer_settings(stack, QUEUE_MAX_EVENTS="50")
-    client = queue.connect(settings.redis_url)
+    client = connect_redis(settings.redis_url)
     producer = queue.Producer(client, settings)
+    part = partitions(settings)[0]
     try:
-        await client.set(settings.queue_depth_key, 1)  # the bound applies once non-empty
+        await client.set(part.depth, 1)  # the bound applies once non-empty
         bodies = [f"[{i}]".encode() for i in range(20)]
-        outcomes = await asyncio.gather(*(producer.enqueue(b, 5, "c") for b in bodies))
+        outcomes = await asyncio.gather(*(producer.enqueue(b, 5, "acc", "c") for b in bodies))
         assert outcomes == [queue.QUEUED] * 9 + [queue.QUEUE_FULL] * 11
-        entries: Any = await client.xrange(settings.stream_key)
-        assert [fields[b"b"] for _, fields in entries] == bodies[:9]
-        assert int(await client.get(settings.queue_depth_key) or 0) == 1 + 9 * 5
+        entries: Any = await client.xrange(part.stream)
+        assert [fields[b"body"] for _, fields in entries] == bodies[:9]
+        assert int(await client.get(part.depth) or 0) == 1 + 9 * 5
     finally:
-        await client.delete(settings.stream_key, settings.queue_depth_key)
+        await client.delete(part.stream, part.depth)
         await client.aclose()
 
 
 async def test_a_forgotten_script_is_loaded_again(stack: Stack) -> None:
     """A restarted Redis has no scripts; the enqueue must load it, not fail."""
     settings = producer_settings(stack)
-    client = queue.connect(settings.redis_url)
+    client = connect_redis(settings.redis_url)
     producer = queue.Producer(client, settings)
+    part = partitions(settings)[0]
     try:
         await client.script_flush()
-        outcomes = await asyncio.gather(*(producer.enqueue(b"[1]", 1, "c") for _ in range(3)))
+        outcomes = await asyncio.gather(
+            *(producer.enqueue(b"[1]", 1, "acc", "c") for _ in range(3))
+        )
         assert outcomes == [queue.QUEUED] * 3
-        assert await client.xlen(settings.stream_key) == 3
+        assert await client.xlen(part.stream) == 3
     finally:
-        await client.delete(settings.stream_key, settings.queue_depth_key)
+        await client.delete(part.stream, part.depth)
         await client.aclose()

@@ -1,4 +1,4 @@
-"""Pure functions: settings parsing and the validator on arbitrary bytes."""
+"""Pure functions: settings, the validator, bucket maths, packing, combining figures."""
 
 from __future__ import annotations
 
@@ -12,9 +12,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.config import SettingsError, load_settings
-from service.events import EventSchema, InvalidJSON, Limits, now_utc, validate_batch
-from service.summary import SingleFlight
+from core.buckets import (
+    DAY,
+    HOUR,
+    MINUTE,
+    WINDOWS,
+    Counts,
+    Packed,
+    pack,
+    top_users,
+    window_start,
+)
+from core.events import EventSchema, Limits, NotJSON, now_utc, validate_batch
+from core.settings import SettingsError, load_settings
+from core.tail import TailEvents, encode, parse_entries, parse_id
+from service.summary import Figures, SingleFlight, combine
 
 LIMITS = Limits(1000, timedelta(minutes=5), timedelta(days=7), 8192, 8)
 
@@ -28,9 +40,10 @@ def test_defaults_match_the_documented_configuration() -> None:
 
 
 def test_environment_overrides_are_typed() -> None:
-    s = load_settings({"PORT": "9001", "RUN_FLUSHER": "false", "VAR_DIR": "/x",
+    s = load_settings({"PORT": "9001", "ROLES": "http, rollups", "VAR_DIR": "/x",
                        "API_KEYS": "k1=a|b,k2=*", "ROLLUP_INTERVAL_SECONDS": "2.5"})  # fmt: skip
-    assert s.port == 9001 and s.run_flusher is False and s.var_dir == Path("/x")
+    assert s.port == 9001 and s.var_dir == Path("/x")
+    assert s.runs("http") and s.runs("rollups") and not s.runs("flusher")
     assert s.api_keys == {"k1": frozenset({"a", "b"}), "k2": frozenset({"*"})}
     assert s.api_key_allows("k1", "a") and not s.api_key_allows("k1", "c")
     assert s.api_key_allows("k2", "anything") and s.api_key_allows("nope", "a") is None
@@ -42,9 +55,11 @@ def test_environment_overrides_are_typed() -> None:
     [
         ({"PORT": "eighty"}, "PORT='eighty' is not a valid int"),
         ({"WORKERS": "0"}, "WORKERS must be positive"),
-        ({"RUN_FLUSHER": "maybe"}, "RUN_FLUSHER='maybe' is not a valid bool"),
+        ({"ROLES": "http,cron"}, "ROLES must be a comma-separated subset"),
         ({"API_KEYS": "justakey"}, "API_KEYS must look like"),
-        ({"MONGO_TIMEOUT_MS": "60000"}, "ROLLUP_SAFETY_LAG_SECONDS must exceed MONGO_TIMEOUT_MS"),
+        ({"MINUTE_RETENTION_HOURS": "12"}, "MINUTE_RETENTION_HOURS must be at least 25"),
+        ({"HOUR_RETENTION_DAYS": "7"}, "HOUR_RETENTION_DAYS must be at least 31"),
+        ({"PORT": "70000"}, "PORT must be at most 65535"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
@@ -67,7 +82,7 @@ json_values = st.recursive(
 def test_validator_accepts_or_explains_any_body(body: bytes) -> None:
     try:
         events, problems = validate_batch(body, LIMITS, now_utc())
-    except InvalidJSON:
+    except NotJSON:
         return
     assert events or problems  # never a silent nothing
     for problem in problems:
@@ -154,3 +169,66 @@ async def test_single_flight_failures_reach_every_joiner_and_cancels_hand_over()
     await asyncio.sleep(0)
     leader.cancel()
     assert await joiner == "fast"
+
+
+def test_windows_start_on_a_minute_or_on_an_hour() -> None:
+    minute = 1_800_000_000_000 - 1_800_000_000_000 % MINUTE + 37 * MINUTE
+    assert window_start("15m", minute) == minute - 15 * MINUTE
+    assert window_start("24h", minute) == minute - DAY
+    assert window_start("7d", minute) % HOUR == 0
+    assert minute - window_start("7d", minute) - 7 * DAY < HOUR
+
+
+def test_top_users_ties_are_broken_by_user_id() -> None:
+    users = {"b": 2, "a": 2, "c": 3, "d": 1}
+    assert top_users(users, 3) == [("c", 3), ("a", 2), ("b", 2)]
+
+
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1,
+                max_size=8)  # fmt: skip
+user_counts = st.dictionaries(names, st.integers(1, 50), max_size=150)
+
+
+@settings(max_examples=200, deadline=None)
+@given(users=user_counts, types=st.dictionaries(st.sampled_from("abc"), st.integers(1, 9)))
+def test_packed_counts_unpack_to_the_same_figures(users: dict[str, int], types: dict[str, int]):
+    counts = Counts(sum(types.values()), types, users)
+    packed = Packed.of(pack(counts))
+    assert packed.unpack() == counts
+    assert packed.unique_users == len(users)
+    assert packed.top == top_users(users, 100)
+    index = packed.index()
+    assert all(index.get(u) == n for u, n in users.items())
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=user_counts, extra=user_counts, gone=st.data())
+def test_combining_an_aggregate_with_tail_and_left_buckets_is_exact(
+    base: dict[str, int], extra: dict[str, int], gone: st.DataObject
+) -> None:
+    """The summary's shortcut (top 100 + touched users) equals counting everything."""
+    left = {u: gone.draw(st.integers(1, n)) for u, n in base.items()
+            if gone.draw(st.booleans())}  # fmt: skip
+    packed = Packed.of(pack(Counts(sum(base.values()), {"t": sum(base.values())}, base)))
+    tail = Counts(sum(extra.values()), {"t": sum(extra.values())} if extra else {}, extra)
+    gone_counts = Counts(sum(left.values()), {"t": sum(left.values())} if left else {}, left)
+    figures = Figures("a", "24h", 0, 1)
+    combine(figures, packed, tail, gone_counts)
+    expected = dict(base)
+    for u, n in left.items():
+        expected[u] -= n
+    for u, n in extra.items():
+        expected[u] = expected.get(u, 0) + n
+    expected = {u: n for u, n in expected.items() if n}
+    assert figures.total == sum(expected.values())
+    assert figures.unique_users == len(expected)
+    assert figures.top == top_users(expected, 100)
+
+
+def test_tail_entries_round_trip() -> None:
+    events = TailEvents([1, 2], ["login", "page_view"], ["u1", "ü"])
+    [entry] = parse_entries(3, [(b"1700000000000-4", {b"e": encode(events)})])
+    assert entry.partition == 3 and entry.entry_id == (1700000000000, 4)
+    assert entry.events == events and entry.newest == 2
+    assert parse_id("5-0") < parse_id("5-1") < parse_id("6-0")
+    assert len(WINDOWS) == 6

@@ -1,8 +1,9 @@
 """Every kind of bad input: a clear 4xx, and nothing from the request is stored.
 
-"Nothing stored" is checked against the real servers: after each refused
-request a valid marker batch is sent and waited for; the stream is FIFO, so
-once the marker is in MongoDB anything enqueued before it would be too.
+"Nothing stored" is checked against the real servers, everywhere something
+could have gone: the stream, its depth counter, the dead-letter stream, the
+live tail and the raw events (the app runs in-process, without a flusher, so
+anything enqueued would still be in the stream).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.support import Backends, Service, make_event, unique, wait_for
+from tests.conftest import AppFactory, Running
+from tests.support import drained, eventually, make_event, unique
 
 
 def good(account: str, n: int = 0, **extra: Any) -> dict[str, Any]:
@@ -78,22 +79,28 @@ BAD_EVENTS: list[tuple[str, Any, str | None]] = [
 ]  # fmt: skip
 
 
-def assert_nothing_stored(service: Service, backends: Backends, account: str) -> None:
-    marker = unique("marker")
-    assert service.post([good(marker)]).status_code == 202
-    wait_for(lambda: backends.count(marker) == 1, 30, what="the marker batch to be stored")
+@pytest.fixture
+async def running(app: AppFactory) -> Running:
+    return await app()
+
+
+def assert_nothing_stored(running: Running, account: str) -> None:
+    backends = running.backends
+    assert backends.stream_entries() == 0
+    assert backends.queue_depth() == 0
+    assert backends.dead_letters() == []
+    assert backends.tail_events(account) == 0
     assert backends.count(account) == 0
 
 
 @pytest.mark.parametrize(("build", "field"), [(b, f) for _, b, f in BAD_EVENTS],
                          ids=[c for c, _, _ in BAD_EVENTS])  # fmt: skip
-def test_bad_event_is_refused_with_details_and_batch_stores_nothing(
-    service: tuple[Service, Backends], build: Any, field: str | None
+async def test_bad_event_is_refused_with_details_and_batch_stores_nothing(
+    running: Running, build: Any, field: str | None
 ) -> None:
-    svc, backends = service
     account = unique("acc")
     batch = [good(account, 1), good(account, 2), build(account), good(account, 3)]
-    response = svc.post(batch)
+    response = await running.post(batch)
     assert response.status_code == 400, response.text
     body = response.json()
     assert body["error"] == "validation_failed"
@@ -102,32 +109,30 @@ def test_bad_event_is_refused_with_details_and_batch_stores_nothing(
     assert problem["index"] == 2
     assert problem["field"] == field
     assert problem["message"]
-    assert_nothing_stored(svc, backends, account)
+    assert_nothing_stored(running, account)
 
 
-def test_reports_each_bad_event_up_to_fifty(service: tuple[Service, Backends]) -> None:
-    svc, backends = service
+async def test_reports_each_bad_event_up_to_fifty(running: Running) -> None:
     account = unique("acc")
     batch = [good(account, i, type_="BAD") for i in range(80)]
-    body = svc.post(batch).json()
+    body = (await running.post(batch)).json()
     assert [d["index"] for d in body["details"]] == list(range(50))
-    assert_nothing_stored(svc, backends, account)
+    assert_nothing_stored(running, account)
 
 
-def test_semantic_problems_are_listed_per_event(service: tuple[Service, Backends]) -> None:
-    svc, backends = service
+async def test_semantic_problems_are_listed_per_event(running: Running) -> None:
     account = unique("acc")
     batch = [
         good(account, 0),
         good(account, 1, ts=datetime.now(UTC) + timedelta(hours=1)),
         good(account, 2, metadata=nested(12)),
     ]
-    body = svc.post(batch).json()
+    body = (await running.post(batch)).json()
     assert [(d["index"], d["field"]) for d in body["details"]] == [
         (1, "timestamp"),
         (2, "metadata"),
     ]
-    assert_nothing_stored(svc, backends, account)
+    assert_nothing_stored(running, account)
 
 
 @pytest.mark.parametrize(
@@ -144,69 +149,90 @@ def test_semantic_problems_are_listed_per_event(service: tuple[Service, Backends
         (b"null", "validation_failed"),
     ],
 )
-def test_malformed_bodies(service: tuple[Service, Backends], payload: bytes, error: str) -> None:
-    svc, _ = service
-    response = httpx.post(
-        f"{svc.url}/events", content=payload, headers={"content-type": "application/json"}
+async def test_malformed_bodies(running: Running, payload: bytes, error: str) -> None:
+    response = await running.client.post(
+        "/events", content=payload, headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
     assert response.json()["error"] == error
+    assert running.backends.stream_entries() == 0
 
 
-def test_too_many_events(service: tuple[Service, Backends]) -> None:
-    svc, backends = service
+async def test_too_many_events(running: Running) -> None:
     account = unique("acc")
-    response = svc.post([good(account, i) for i in range(1001)])
+    response = await running.post([good(account, i) for i in range(1001)])
     assert response.status_code == 400
     assert "at most 1000" in response.json()["details"][0]["message"]
-    assert_nothing_stored(svc, backends, account)
+    assert_nothing_stored(running, account)
 
 
-def test_body_too_large(service: tuple[Service, Backends]) -> None:
-    svc, backends = service
+async def test_body_too_large(running: Running) -> None:
     account = unique("acc")
     padding = "x" * 1100
     batch = [good(account, i, metadata={"p": padding}) for i in range(1000)]
-    response = httpx.post(
-        f"{svc.url}/events",
+    response = await running.client.post(
+        "/events",
         content=json.dumps(batch).encode(),
         headers={"content-type": "application/json"},
     )
     assert response.status_code == 413
     assert response.json()["error"] == "body_too_large"
-    assert_nothing_stored(svc, backends, account)
+    assert_nothing_stored(running, account)
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
-def test_wrong_content_type(service: tuple[Service, Backends], content_type: str | None) -> None:
-    svc, backends = service
+async def test_wrong_content_type(running: Running, content_type: str | None) -> None:
     account = unique("acc")
     headers = {"content-type": content_type} if content_type else {}
-    response = httpx.post(
-        f"{svc.url}/events", content=json.dumps([good(account)]).encode(), headers=headers
+    response = await running.client.post(
+        "/events", content=json.dumps([good(account)]).encode(), headers=headers
     )
     assert response.status_code == 415
     assert response.json()["error"] == "unsupported_media_type"
-    assert_nothing_stored(svc, backends, account)
+    assert_nothing_stored(running, account)
 
 
-def test_content_type_with_charset_is_json(service: tuple[Service, Backends]) -> None:
-    svc, backends = service
+async def test_content_type_with_charset_is_json(running: Running) -> None:
     account = unique("acc")
-    response = httpx.post(
-        f"{svc.url}/events",
+    response = await running.client.post(
+        "/events",
         content=json.dumps([good(account)]).encode(),
         headers={"content-type": "application/json; charset=utf-8"},
     )
     assert response.status_code == 202
-    wait_for(lambda: backends.count(account) == 1)
+    running.start_flusher()
+    await eventually(drained(running.backends, account, 1))
 
 
-def test_unknown_routes_and_methods_answer_json(service: tuple[Service, Backends]) -> None:
-    svc, _ = service
-    missing = httpx.get(f"{svc.url}/nope")
+async def test_unknown_routes_and_methods_answer_json(running: Running) -> None:
+    missing = await running.client.get("/nope")
     assert missing.status_code == 404
     assert missing.json()["error"] == "not_found"
-    wrong = httpx.get(f"{svc.url}/events")
+    wrong = await running.client.get("/events")
     assert wrong.status_code == 405
     assert wrong.json()["error"] == "method_not_allowed"
+
+
+def deep(depth: int, open_: str = '{"a":', close: str = "}") -> bytes:
+    return (open_ * depth + "1" + close * depth).encode()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [deep(5000), deep(5000, "[", "]"), deep(100_000), deep(900), deep(2000, '{"a":[', "]}")],
+    ids=["objects 5000 deep", "arrays 5000 deep", "objects 100k deep", "900 deep",
+         "mixed 4000 deep"],
+)  # fmt: skip
+async def test_deeply_nested_metadata_is_a_400_never_a_500(
+    running: Running, metadata: bytes
+) -> None:
+    account = unique("deep")
+    head = json.dumps(good(account))[:-1].encode()
+    body = b"[" + head + b', "metadata": ' + metadata + b"}]"
+    response = await running.client.post(
+        "/events", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    details = response.json()["details"]
+    assert details[0]["field"] == "metadata" and "deep" in details[0]["message"]
+    assert_nothing_stored(running, account)

@@ -1,4 +1,4 @@
-"""The service as a real subprocess, for the tests, the k6 runner and the benchmarks.
+"""The service as a real subprocess (tests, the k6 runner, the benchmarks), and polling.
 
 ``Service`` runs ``sanic service.app:create_app --factory`` with a given
 environment, waits for ``/ready``, and knows its process tree (for ``ps``
@@ -20,12 +20,28 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pymongo.errors
+import redis.exceptions
 
 from scripts.stack import ROOT, free_port
 
 T = TypeVar("T")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# what a check may raise while a server it talks to is restarting; anything
+# else is a bug in the check and fails at once
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    httpx.TransportError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    pymongo.errors.AutoReconnect,
+    pymongo.errors.ServerSelectionTimeoutError,
+)
 
 
 def wait_for(
@@ -37,7 +53,7 @@ def wait_for(
     while time.monotonic() < deadline:
         try:
             last = check()
-        except Exception as exc:  # the server may be restarting
+        except UNREACHABLE as exc:  # the server may be restarting
             last = exc
         else:
             if last:
@@ -74,6 +90,7 @@ def service_env(redis_url: str, mongo_url: str, var_dir: Path, **overrides: Any)
         "FLUSH_INTERVAL_MS": "100",
         "CLAIM_IDLE_MS": "2000",
         "WATCHDOG_INTERVAL_SECONDS": "0.5",
+        "SHUTDOWN_GRACE_SECONDS": "5",
     }
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     # its own metrics directory, set before Sanic's main process imports
@@ -157,7 +174,7 @@ class Service:
         return found
 
     def pids_titled(self, role: str) -> list[int]:
-        return [pid for pid, title in self.children().items() if title.endswith(role)]
+        return [pid for pid, title in self.children().items() if title.endswith(f": {role}")]
 
     def pids(self) -> list[int]:
         assert self.proc is not None
