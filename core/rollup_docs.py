@@ -25,7 +25,7 @@ so a reader holding the previous head still finds them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import msgspec
 from bson import Binary
@@ -104,7 +104,7 @@ class Head:
 def _retired(item: str) -> tuple[Kind, str]:
     kind, _, doc_id = item.partition(" ")
     assert kind in COLLECTIONS, item
-    return cast(Kind, kind), doc_id
+    return kind, doc_id
 
 
 async def read_head(db: Database, account_id: str) -> Head | None:

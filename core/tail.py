@@ -46,6 +46,10 @@ def encode(events: TailEvents) -> bytes:
     return _encoder.encode(events)
 
 
+def decode(blob: bytes) -> TailEvents:
+    return _decoder.decode(blob)
+
+
 def parse_id(raw: bytes | str) -> StreamId:
     text = raw.decode() if isinstance(raw, bytes) else raw
     left, _, right = text.partition("-")

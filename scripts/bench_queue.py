@@ -28,8 +28,8 @@ from typing import Any
 import msgspec
 import redis
 
+from core.events import Event
 from scripts.stack import running_stack
-from service.events import Event
 
 SECONDS = 2.0
 REPEATS = 3
@@ -79,7 +79,7 @@ def write(client: redis.Redis, key: str, pool: list[tuple[bytes, list[bytes]]], 
     while time.perf_counter() < deadline:
         body, events = pool[(written // size) % POOL]
         if layout == "per-batch":
-            client.xadd(key, {"n": size, "b": body})
+            client.xadd(key, {"count": size, "body": body})
         else:
             pipe = client.pipeline(transaction=False)
             for event in events:
@@ -98,7 +98,7 @@ def read_and_decode(client: redis.Redis, key: str, layout: str, size: int) -> in
         entries: list[tuple[bytes, dict[bytes, bytes]]] = reply
         for _entry_id, fields in entries:
             if layout == "per-batch":
-                decoded += len(_batch_decoder.decode(fields[b"b"]))
+                decoded += len(_batch_decoder.decode(fields[b"body"]))
             else:
                 _event_decoder.decode(fields[b"e"])
                 decoded += 1

@@ -28,7 +28,11 @@ from pathlib import Path
 
 import redis
 
-from scripts.harness import (
+from core.keys import partitions
+from core.settings import load_settings
+from scripts.k6_verify import describe, verify
+from scripts.stack import ROOT, running_stack
+from tests.harness import (
     Service,
     dev_tool,
     exit_on_sigterm,
@@ -36,8 +40,6 @@ from scripts.harness import (
     service_env,
     wait_for,
 )
-from scripts.k6_verify import describe, verify
-from scripts.stack import ROOT, running_stack
 
 SCENARIOS = ("smoke", "load", "spike", "soak")
 # settings a scenario needs unless the environment says otherwise: the spike
@@ -45,9 +47,7 @@ SCENARIOS = ("smoke", "load", "spike", "soak")
 SERVICE_DEFAULTS: dict[str, dict[str, str]] = {
     "spike": {"QUEUE_MAX_EVENTS": "50000"},
 }
-# k6 variables a scenario needs unless given with -e: the spike spreads its
-# events over fewer accounts, because on FerretDB every summary the verifier
-# asks for scans the whole tail (~200k events after a spike)
+# k6 variables a scenario needs unless given with -e
 K6_DEFAULTS: dict[str, dict[str, str]] = {
     "spike": {"ACCOUNTS": "5"},
 }
@@ -66,9 +66,9 @@ class Peaks:
 class Sampler(threading.Thread):
     """Every half second: Redis memory, queue depth, service memory; keeps peaks."""
 
-    def __init__(self, client: redis.Redis, depth_key: str, service: Service) -> None:
+    def __init__(self, client: redis.Redis, depth_keys: list[str], service: Service) -> None:
         super().__init__(daemon=True)
-        self.client, self.depth_key, self.service = client, depth_key, service
+        self.client, self.depth_keys, self.service = client, depth_keys, service
         self.peaks = Peaks()
         self.stopping = threading.Event()
 
@@ -81,7 +81,7 @@ class Sampler(threading.Thread):
 
     def sample(self) -> None:
         memory = int(self.client.info("memory")["used_memory"])
-        depth = int(self.client.get(self.depth_key) or 0)
+        depth = queue_depth(self.client, self.depth_keys)
         rss = rss_bytes(self.service.pids())
         p = self.peaks
         p.redis_memory = max(p.redis_memory, memory)
@@ -94,6 +94,10 @@ class Sampler(threading.Thread):
         self.stopping.set()
         self.join()
         return self.peaks
+
+
+def queue_depth(client: redis.Redis, depth_keys: list[str]) -> int:
+    return sum(int(client.get(key) or 0) for key in depth_keys)
 
 
 def run_k6(scenario: str, base_url: str, run_id: str, out_dir: Path, extra: list[str]) -> int:
@@ -138,13 +142,14 @@ def run(scenario: str, workers: int, extra: list[str], keep: bool) -> int:
         client = redis.Redis.from_url(stack.redis_url)
         try:
             service.start(work)
-            sampler = Sampler(client, f"k6:{run_id}:depth", service)
+            depth_keys = [p.depth for p in partitions(load_settings(env))]
+            sampler = Sampler(client, depth_keys, service)
             sampler.start()
             started = time.monotonic()
             k6_code = run_k6(scenario, service.url, run_id, work, extra)
             k6_seconds = time.monotonic() - started
             wait_for(
-                lambda: int(client.get(f"k6:{run_id}:depth") or 0) == 0,
+                lambda: queue_depth(client, depth_keys) == 0,
                 DRAIN_TIMEOUT,
                 0.5,
                 "the queue to drain into MongoDB",

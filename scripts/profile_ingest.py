@@ -22,8 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 from scripts.bench import make_body, wrk_once
-from scripts.harness import Service, dev_tool, service_env
 from scripts.stack import ROOT, running_stack
+from tests.harness import Service, dev_tool, service_env
 
 LINE_NUMBER = re.compile(r":\d+\)$")
 

@@ -168,17 +168,20 @@ class Flusher(Worker):
         try:
             await self._store_and_retire(consumer, batches)
         except Permanent:
-            # isolate the bad entry so the others are not held back by it
+            # isolate the bad entry so the others are not held back by it; the
+            # failed write may have stored some of each, so they are read back
             for batch in batches:
                 try:
-                    await self._store_and_retire(consumer, [batch])
+                    await self._store_and_retire(consumer, [batch], tried=True)
                 except Permanent as exc:
                     await self._count_failure(consumer, batch, str(exc))
 
-    async def _store_and_retire(self, consumer: Consumer, batches: list[Batch]) -> None:
+    async def _store_and_retire(
+        self, consumer: Consumer, batches: list[Batch], tried: bool = False
+    ) -> None:
         started = time.perf_counter()
         docs = [d for b in batches for d in b.docs]
-        first_attempt = True
+        first_attempt = not tried
         new: set[int] = set()
 
         async def insert() -> None:

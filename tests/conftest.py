@@ -21,15 +21,15 @@ from typing import Any
 # prometheus-client reads this when core.metrics is first imported
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="events-test-metrics-"))
 
-import httpx  # noqa: E402
-import pytest  # noqa: E402
-from sanic import Sanic  # noqa: E402
+import httpx
+import pytest
+from sanic import Sanic
 
-from core.settings import Settings, load_settings  # noqa: E402
-from scripts.stack import Stack, free_port, running_stack  # noqa: E402
-from service.app import build_app  # noqa: E402
-from service.flusher import Flusher  # noqa: E402
-from tests.support import Backends, Service, service_env, unique  # noqa: E402
+from core.settings import Settings, load_settings
+from scripts.stack import Stack, free_port, running_stack
+from service.app import build_app
+from service.flusher import Flusher
+from tests.support import Backends, Service, service_env, unique
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +97,7 @@ class Running:
         return flusher
 
     async def stop_workers(self) -> None:
-        for worker, task in self.workers:
+        for worker, _ in self.workers:
             worker.stopping.set()
         for _, task in self.workers:
             await asyncio.wait_for(task, 30)
@@ -121,9 +121,9 @@ async def app(stack: Stack) -> AsyncIterator[AppFactory]:
             host="127.0.0.1", port=port, return_asyncio_server=True
         )
         assert server is not None
-        await server.startup()
-        await server.before_start()
-        await server.after_start()
+        await server.startup()  # type: ignore[no-untyped-call]
+        await server.before_start()  # type: ignore[no-untyped-call]
+        await server.after_start()  # type: ignore[no-untyped-call]
         client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
         running = Running(settings, backends_for(settings), client, server, application)
         started.append(running)

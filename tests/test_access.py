@@ -39,7 +39,9 @@ async def test_api_keys_for_writing_and_reading(app: AppFactory) -> None:
     # reading needs a key that may read the account
     client = running.client
     assert (await client.get(f"/summary/{mine}")).status_code == 401
-    assert (await client.get(f"/summary/{other}", headers={"x-api-key": "k_one"})).status_code == 403
+    assert (
+        await client.get(f"/summary/{other}", headers={"x-api-key": "k_one"})
+    ).status_code == 403
     ok = await client.get(f"/summary/{mine}", headers={"x-api-key": "k_one"})
     assert ok.status_code == 200 and ok.json()["total"] == 2
 

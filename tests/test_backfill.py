@@ -21,8 +21,8 @@ from rollups.backfill import Backfill, RangeRefused, Report
 from rollups.rollover import Roller
 from scripts.stack import ROOT
 from tests.conftest import AppFactory, Running
-from tests.test_rollups import assert_exact, event, snapshot, spread, store_all
 from tests.support import eventually, unique
+from tests.test_rollups import assert_exact, event, snapshot, spread, store_all
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from core.events import decode_events, to_document
 from core.settings import Settings
 from service.flusher import Flusher, consumer_name
 from service.queue import Consumer, Retirement
-from tests.conftest import AppFactory, Running
+from tests.conftest import AppFactory
 from tests.support import Backends, eventually, make_event, unique
 
 

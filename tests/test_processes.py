@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServiceFactory
+from tests.harness import cpu_seconds
 from tests.support import Backends, Service, drained, make_event, unique, wait_for
 
 
@@ -19,26 +20,31 @@ def two_workers(start_service: ServiceFactory) -> tuple[Service, Backends]:
 
 
 def metric(service: Service, name: str) -> float:
+    """A metric's value; a missing one fails (it must not pass as 0)."""
     text = httpx.get(f"{service.url}/metrics").text
     match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    assert match, f"{name} is not in /metrics"
+    return float(match.group(1))
 
 
 def test_two_workers_serve_and_the_flusher_drains(two_workers: tuple[Service, Backends]) -> None:
     service, backends = two_workers
     account = unique("two")
+    wait_for(lambda: len(service.pids_titled("http worker")) == 2, 20, what="both workers up")
+    workers = service.pids_titled("http worker")
+    cpu_before = {pid: cpu_seconds([pid]) for pid in workers}
     with httpx.Client(base_url=service.url) as client:
-        for i in range(40):  # many connections: both workers take some
+        for i in range(300):  # a new connection each: the kernel spreads them over both
             batch = [make_event(account, i * 10 + j) for j in range(10)]
-            assert (
-                client.post("/events", json=batch, headers={"connection": "close"}).status_code
-                == 202
-            )
-    wait_for(drained(backends, account, 400), what="400 events stored")
-    assert metric(service, "events_accepted_total") >= 400
-    assert metric(service, "events_stored_total") >= 400
+            response = client.post("/events", json=batch, headers={"connection": "close"})
+            assert response.status_code == 202
+    wait_for(drained(backends, account, 3000), what="3000 events stored")
+    busy = {pid: cpu_seconds([pid]) - before for pid, before in cpu_before.items()}
+    assert len(busy) == 2 and all(spent > 0.05 for spent in busy.values()), busy
+    assert metric(service, "events_accepted_total") >= 3000
+    assert metric(service, "events_stored_total") >= 3000
     assert metric(service, "flush_batch_events_count") >= 1
-    assert metric(service, "queue_depth_events") == 0
+    assert metric(service, 'queue_depth_events{partition="0"}') == 0
 
 
 def test_every_process_has_a_recognisable_title(two_workers: tuple[Service, Backends]) -> None:
@@ -46,6 +52,7 @@ def test_every_process_has_a_recognisable_title(two_workers: tuple[Service, Back
     titles = sorted(service.children().values())
     assert titles.count("events-service: http worker") == 2, titles
     assert titles.count("events-service: flusher") == 1, titles
+    assert titles.count("events-service: main") == 0  # the main process is the parent
     assert titles.count("events-service: rollups") == 1, titles
 
 
@@ -89,7 +96,20 @@ def test_health_ready_metrics_and_openapi(two_workers: tuple[Service, Backends])
     text = httpx.get(f"{service.url}/metrics").text
     assert 'ingest_requests_rejected_total{reason="invalid_json"}' in text
     for name in ("events_accepted_total", "ingest_requests_rejected_total", "flush_seconds",
-                 "queue_depth_events", "dead_letter_entries", "process_restarts"):  # fmt: skip
+                 "queue_depth_events", "dead_letter_entries", "process_restarts",
+                 "rollup_dirty_accounts"):  # fmt: skip
         assert name in text
     spec = httpx.get(f"{service.url}/docs/openapi.json").json()
-    assert "/events" in spec["paths"]
+    assert {"/events", "/summary/{account_id}", "/summary"} <= set(spec["paths"])
+
+
+def test_every_process_logs_in_one_format_naming_itself(
+    two_workers: tuple[Service, Backends],
+) -> None:
+    service, _ = two_workers
+    log = service.log_tail(200_000)
+    line = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) "
+                      r"\[(\w+) (\d+)\] ([\w.]+): ", re.MULTILINE)  # fmt: skip
+    roles = {m.group(2) for m in line.finditer(log)}
+    assert {"rollups", "flusher"} <= roles, roles
+    assert re.search(r"\[rollups \d+\] (rollups|core)\.", log), "the rollups process logs"

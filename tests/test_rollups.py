@@ -132,7 +132,9 @@ async def test_two_jobs_rolling_one_account_at_once_stay_exact(running: Running)
     results = await asyncio.gather(one.roll(account, minute), two.roll(account, minute),
                                    return_exceptions=True)  # fmt: skip
     assert sum(isinstance(r, HeadConflict) for r in results) <= 1, results
-    assert not any(isinstance(r, Exception) and not isinstance(r, HeadConflict) for r in results), results
+    assert not any(isinstance(r, Exception) and not isinstance(r, HeadConflict) for r in results), (
+        results
+    )
     # the loser's documents are gone: only what the head names is left
     head = await read_head(running.db, account)
     assert head is not None
