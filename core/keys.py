@@ -16,6 +16,7 @@ from core.settings import Settings
 EVENTS = "events"  # raw events, _id = account_id|event_id
 HEADS = "rollup_heads"  # one per account: where its rollups stand
 WINDOWS = "rollup_windows"  # immutable per-account window aggregates
+INDEXES = "rollup_indexes"  # immutable per-account lists of non-empty buckets
 MINUTES = "rollup_minutes"  # per-account minute buckets
 HOURS = "rollup_hours"  # per-account hour buckets
 STATE = "rollup_state"  # rollup job state (retention progress)

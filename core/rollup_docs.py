@@ -35,8 +35,13 @@ from core.buckets import PACKED_FIELDS, Packed, Resolution, to_datetime
 from core.store import Database, Document
 from core.tail import StreamId, format_id, parse_id
 
-Kind = Literal["minute", "hour", "window"]
-COLLECTIONS: dict[Kind, str] = {"minute": keys.MINUTES, "hour": keys.HOURS, "window": keys.WINDOWS}
+Kind = Literal["minute", "hour", "window", "index"]
+COLLECTIONS: dict[Kind, str] = {
+    "minute": keys.MINUTES,
+    "hour": keys.HOURS,
+    "window": keys.WINDOWS,
+    "index": keys.INDEXES,
+}
 
 _encode = msgspec.msgpack.Encoder().encode
 _refs = msgspec.msgpack.Decoder(list[tuple[int, str]])
@@ -50,6 +55,10 @@ def window_id(account_id: str, window: str, minute: int, tag: str) -> str:
     return f"{account_id}|w|{window}|{minute}|{tag}"
 
 
+def index_id(account_id: str, tag: str) -> str:
+    return f"{account_id}|i|{tag}"
+
+
 @dataclass
 class Head:
     account_id: str
@@ -57,9 +66,11 @@ class Head:
     minute: int | None = None  # S: the aggregates cover up to here (exclusive)
     applied: dict[int, StreamId] = field(default_factory=dict)  # per partition
     windows: dict[str, str] = field(default_factory=dict)  # window -> aggregate id
-    # non-empty buckets: start -> the tag of the rollover that wrote the current version
+    # non-empty buckets: start -> the tag of the rollover that wrote the current version;
+    # kept in a separate immutable index document (``index``), read only when needed
     minutes: dict[int, str] = field(default_factory=dict)
     hours: dict[int, str] = field(default_factory=dict)
+    index: str | None = None
     retired: list[tuple[Kind, str]] = field(default_factory=list)  # delete next time
 
     def applied_id(self, partition: int) -> StreamId:
@@ -81,8 +92,7 @@ class Head:
             "minute_at": to_datetime(self.minute) if self.minute is not None else None,
             "applied": {str(p): format_id(i) for p, i in self.applied.items()},
             "windows": self.windows,
-            "minutes": Binary(_encode(sorted(self.minutes.items()))),
-            "hours": Binary(_encode(sorted(self.hours.items()))),
+            "index": self.index,
             # FerretDB v1 stores no arrays inside arrays
             "retired": [f"{kind} {doc_id}" for kind, doc_id in self.retired],
         }
@@ -95,10 +105,19 @@ class Head:
             minute=doc.get("minute"),
             applied={int(p): parse_id(i) for p, i in doc.get("applied", {}).items()},
             windows=dict(doc.get("windows", {})),
-            minutes=dict(_refs.decode(doc["minutes"])),
-            hours=dict(_refs.decode(doc["hours"])),
+            index=doc.get("index"),
             retired=[_retired(item) for item in doc.get("retired", [])],
         )
+
+    def index_document(self) -> Document:
+        assert self.index is not None
+        return {
+            "_id": self.index,
+            "account_id": self.account_id,
+            "kind": "index",
+            "minutes": Binary(_encode(sorted(self.minutes.items()))),
+            "hours": Binary(_encode(sorted(self.hours.items()))),
+        }
 
 
 def _retired(item: str) -> tuple[Kind, str]:
@@ -107,9 +126,26 @@ def _retired(item: str) -> tuple[Kind, str]:
     return kind, doc_id
 
 
-async def read_head(db: Database, account_id: str) -> Head | None:
+async def read_head(db: Database, account_id: str, with_index: bool = False) -> Head | None:
     doc = await db[keys.HEADS].find_one({"_id": account_id})
-    return Head.from_document(doc) if doc else None
+    if doc is None:
+        return None
+    head = Head.from_document(doc)
+    if with_index and not await load_index(db, head):
+        raise LookupError(f"the bucket index {head.index} of {account_id} is missing")
+    return head
+
+
+async def load_index(db: Database, head: Head) -> bool:
+    """Fill in the head's bucket lists; False if its index is gone (superseded since)."""
+    if head.index is None:
+        return True
+    doc = await db[keys.INDEXES].find_one({"_id": head.index})
+    if doc is None:
+        return False
+    head.minutes = dict(_refs.decode(doc["minutes"]))
+    head.hours = dict(_refs.decode(doc["hours"]))
+    return True
 
 
 PROJECTION = dict.fromkeys(PACKED_FIELDS, 1)

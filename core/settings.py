@@ -54,7 +54,9 @@ class Settings:
     flushers: int = 1
     flush_batch_size: int = 500
     flush_interval_ms: int = 250
-    flush_concurrency: int = 2
+    # flushes in flight per flusher: the store takes more than one write at once
+    # (docs/PERFORMANCE.md: 2 raw writers insert ~1.5x what one does)
+    flush_concurrency: int = 3
     mongo_timeout_ms: int = 5000
     claim_idle_ms: int = 30_000
     dead_letter_after: int = 5

@@ -53,6 +53,7 @@ from core.rollup_docs import (
     Kind,
     bucket_id,
     document,
+    index_id,
     read_head,
     read_packed,
     window_id,
@@ -145,7 +146,7 @@ class Roller:
         cached = self.heads.get(account_id)
         if cached is not None:
             return cached
-        return await read_head(self.db, account_id) or Head(account_id)
+        return await read_head(self.db, account_id, with_index=True) or Head(account_id)
 
     async def read_tail(self, account_id: str) -> list[TailEntry]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -195,14 +196,20 @@ class Roller:
             windows=dict(old.windows),
             minutes=dict(old.minutes),
             hours=dict(old.hours),
+            index=old.index,
         )
         rolled = Rolled(new, events=sum(c.total for c in applied.values()))
         tag = f"{new.version}.{secrets.token_hex(3)}"
-        docs: dict[Kind, list[Document]] = {"minute": [], "hour": [], "window": []}
+        docs: dict[Kind, list[Document]] = {"minute": [], "hour": [], "window": [], "index": []}
         retired: list[tuple[Kind, str]] = []
         await self._write_windows(old, new, tag, applied, docs, retired)
         await self._write_buckets(old, new, tag, applied, docs, retired)
         self._prune_indexes(new)
+        if (new.minutes, new.hours) != (old.minutes, old.hours) or new.index is None:
+            if old.index:
+                retired.append(("index", old.index))
+            new.index = index_id(new.account_id, tag)
+            docs["index"].append(new.index_document())
         new.retired = retired
         await self._publish(old, new, docs)
         for kind, written in docs.items():

@@ -305,7 +305,12 @@ async def insert_many_ceiling(settings: Settings, bodies: list[bytes], writers: 
 
 
 FLUSH_CASES = ("raw insert_many", "raw insert_many, 2 writers", "flusher, 1 write in flight",
-               "flusher, 2 writes in flight")  # fmt: skip
+               "flusher, default (FLUSH_CONCURRENCY=3)")  # fmt: skip
+
+
+def store_ceiling(results: Results) -> float:
+    """The store's measured insert ceiling: the better of one and two raw writers."""
+    return max((results.flush.get(case, 0.0) for case in FLUSH_CASES[:2]), default=0.0)
 
 
 def bench_flusher(stack: Stack, args: argparse.Namespace, results: Results) -> None:
@@ -317,7 +322,7 @@ def bench_flusher(stack: Stack, args: argparse.Namespace, results: Results) -> N
         events = 100 * len(bodies)
         settings = flush_settings(stack, str(run))
         one = flush_settings(stack, str(run), FLUSH_CONCURRENCY="1")
-        two = flush_settings(stack, str(run), FLUSH_CONCURRENCY="2")
+        two = flush_settings(stack, str(run))
         rates[FLUSH_CASES[0]].append(events / uvloop.run(insert_many_ceiling(settings, bodies, 1)))
         rates[FLUSH_CASES[1]].append(events / uvloop.run(insert_many_ceiling(settings, bodies, 2)))
         rates[FLUSH_CASES[2]].append(events / uvloop.run(drain_with_flusher(one, bodies)))
@@ -452,7 +457,7 @@ def bench_sustained(stack: Stack, work: Path, args: argparse.Namespace, results:
     counted, at what rate end to end, and does the queue stay far from its bound?"""
     import httpx
 
-    ceiling = results.flush.get(FLUSH_CASES[0]) or args.sustain_rate
+    ceiling = store_ceiling(results) or args.sustain_rate
     rate = max(1, round(ceiling * args.sustain_factor / SUSTAIN_BATCH))
     run_id = f"s{random.randrange(10**6)}"
     env = service_env(stack.redis_url, stack.mongo_url, work, mongo_db=f"bench_{run_id}",
@@ -584,9 +589,9 @@ def targets(results: Results) -> list[str]:
         row("100-event batches: ≥ 350,000 events/s", rate >= 350_000, f"{rate:,.0f}")
     f = results.flush
     if f:
-        best = max(f[FLUSH_CASES[2]], f[FLUSH_CASES[3]])
-        ratio = best / f[FLUSH_CASES[0]]
-        row("flusher: ≥ 80% of the raw insert_many ceiling", ratio >= 0.8, f"{ratio:.0%}")
+        ratio = f[FLUSH_CASES[3]] / store_ceiling(results)
+        row("flusher: ≥ 80% of the raw insert_many ceiling (the better of 1 and 2 writers)",
+            ratio >= 0.8, f"{ratio:.0%}")  # fmt: skip
     s = results.summary
     if s:
         big = max(int(k.split(":")[0]) for k in s if k[0].isdigit())
@@ -634,6 +639,10 @@ def flush_section(results: Results) -> list[str]:
         "| | events/s | share of the 1-writer ceiling |",
         "|---|---:|---:|",
         *rows,
+        "",
+        "The store takes more than one write at a time, so the flusher keeps "
+        "`FLUSH_CONCURRENCY` flushes in flight (each reads, writes and acknowledges its own "
+        "entries).",
         "",
     ]
 

@@ -197,16 +197,13 @@ class Flusher(Worker):
         counted: list[int] = []
         offset = 0
         for batch in batches:
-            size = len(batch.docs)
             if first_attempt and not batch.entry.redelivered:
-                stored = [
-                    batch.docs[i - offset] for i in sorted(new) if offset <= i < offset + size
-                ]
+                stored = [d for i, d in enumerate(batch.docs, offset) if i in new]
             else:
                 stored = await self._retry("read back", partial(self._read_back, batch.entry))
             retirements.append(Retirement(batch.entry, tails_of(stored)))
             counted.append(len(stored))
-            offset += size
+            offset += len(batch.docs)
         retired = await self._retire(consumer, retirements)
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.FLUSH_BATCH_EVENTS.observe(len(docs))
