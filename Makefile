@@ -1,13 +1,11 @@
 # Every target sets up what it needs: the virtualenv and packages, Debian's
-# redis-server, and the FerretDB launcher (built once with Go into .cache/).
+# redis-server and PostgreSQL, and the FerretDB launcher (built once with Go
+# into .cache/).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PORT ?= 8000
-WORKERS ?= 2
-HOST ?= 127.0.0.1
 
 .PHONY: run test lint format setup servers bench clean k6-smoke k6-load k6-spike k6-soak
 
@@ -20,9 +18,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 	$(PY) -m scripts.stack setup
 
+# HOST, PORT, WORKERS and every other setting come from the environment (core/settings.py)
 run: setup
-	PORT=$(PORT) $(PY) -m scripts.stack exec -- $(VENV)/bin/sanic service.app:create_app \
-		--factory --host $(HOST) --port $(PORT) --workers $(WORKERS)
+	$(PY) -m scripts.stack exec -- $(PY) -m scripts.serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -40,11 +38,11 @@ test: setup lint
 # k6 scenarios: fresh stack + service, run, verify every 202 is stored exactly
 # once and summaries match the raw events, report, stop (K6_ARGS="-e BASE_RATE=30")
 k6-smoke k6-load k6-spike k6-soak: k6-%: setup
-	$(PY) -m scripts.k6_run $* --workers $(WORKERS) $(K6_ARGS)
+	$(PY) -m scripts.k6_run $* $(K6_ARGS)
 
 # same-run ceilings and figures -> docs/PERFORMANCE.md + docs/ingest-throughput.png
 bench: setup
-	$(PY) -m scripts.bench --workers $(WORKERS) $(BENCH_ARGS)
+	$(PY) -m scripts.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("scenario", choices=SCENARIOS)
     parser.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "2")))
+    parser.add_argument("--workers", type=int, default=load_settings().workers)
     parser.add_argument("--keep", action="store_true", help="keep k6 output and logs")
     args = parser.parse_args(argv)
     exit_on_sigterm()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
+from scripts.stack import ROOT, Stack, free_port
 from tests.conftest import ServiceFactory
 from tests.harness import cpu_seconds
-from tests.support import Backends, Service, drained, make_event, unique, wait_for
+from tests.support import Backends, Service, drained, make_event, service_env, unique, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +117,27 @@ def test_every_process_logs_in_one_format_naming_itself(
     roles = {m.group(2) for m in line.finditer(log)}
     assert {"rollups", "flusher"} <= roles, roles
     assert re.search(r"\[rollups \d+\] (rollups|core)\.", log), "the rollups process logs"
+
+
+def test_host_port_and_workers_come_from_the_settings(stack: Stack, tmp_path: Path) -> None:
+    """`make run` serves through scripts.serve: PORT, HOST and WORKERS have one source."""
+    port = free_port()
+    env = service_env(stack.redis_url, stack.mongo_url, tmp_path, port=port, workers=2,
+                      host="127.0.0.1")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.serve"], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, 60,
+                 what="the service on PORT")  # fmt: skip
+
+        def http_workers() -> int:
+            out = subprocess.run(["ps", "-eo", "ppid=,args="], capture_output=True, text=True)
+            return sum(1 for line in out.stdout.splitlines()
+                       if line.split(None, 1)[0] == str(proc.pid)
+                       and line.endswith("events-service: http worker"))  # fmt: skip
+
+        wait_for(lambda: http_workers() == 2, 30, what="WORKERS=2 HTTP workers")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
