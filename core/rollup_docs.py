@@ -31,7 +31,7 @@ import msgspec
 from bson import Binary
 
 from core import keys
-from core.buckets import PACKED_FIELDS, Packed, Resolution, to_datetime
+from core.buckets import PACKED_FIELDS, Counts, Packed, Resolution, to_datetime
 from core.store import Database, Document
 from core.tail import StreamId, format_id, parse_id
 
@@ -45,6 +45,7 @@ COLLECTIONS: dict[Kind, str] = {
 
 _encode = msgspec.msgpack.Encoder().encode
 _refs = msgspec.msgpack.Decoder(list[tuple[int, str]])
+_series_decoder = msgspec.msgpack.Decoder(dict[int, tuple[int, dict[str, int]]])
 
 
 def bucket_id(account_id: str, resolution: Resolution, start: int, tag: str) -> str:
@@ -161,3 +162,32 @@ def document(kind: Kind, doc_id: str, account_id: str, start: int, packed: dict[
              **extra: Any) -> Document:  # fmt: skip
     return {"_id": doc_id, "account_id": account_id, "kind": kind, "start": to_datetime(start),
             **packed, **extra}  # fmt: skip
+
+
+@dataclass
+class Series:
+    """Per-minute totals and types of one hour, kept in its hour bucket (``series``).
+
+    Minute starts map to (total, {type: count}); time series read these instead
+    of the hour's minute buckets.
+    """
+
+    minutes: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
+
+    def add(self, minute: int, counts: Counts) -> None:
+        total, types = self.minutes.get(minute, (0, {}))
+        merged = dict(types)
+        for t, n in counts.types.items():
+            merged[t] = merged.get(t, 0) + n
+        self.minutes[minute] = (total + counts.total, {t: n for t, n in merged.items() if n})
+
+    def encode(self) -> Binary:
+        return Binary(_encode(self.minutes))
+
+
+async def read_series(db: Database, doc_id: str) -> Series | None:
+    """The per-minute series of an hour bucket; None when the document is gone."""
+    doc = await db[keys.HOURS].find_one({"_id": doc_id}, {"series": 1})
+    if doc is None:
+        return None
+    return Series(dict(_series_decoder.decode(doc["series"]))) if "series" in doc else Series()

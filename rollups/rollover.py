@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from bson import Binary
 from pymongo.errors import DuplicateKeyError
 from redis.asyncio import Redis
 
@@ -51,11 +50,13 @@ from core.rollup_docs import (
     COLLECTIONS,
     Head,
     Kind,
+    Series,
     bucket_id,
     document,
     index_id,
     read_head,
     read_packed,
+    read_series,
     window_id,
 )
 from core.settings import Settings
@@ -66,7 +67,6 @@ log = logging.getLogger(__name__)
 
 CACHE_DOCUMENTS = 20_000
 _encode = msgspec.msgpack.Encoder().encode
-_series_decoder = msgspec.msgpack.Decoder(dict[int, tuple[int, dict[str, int]]])
 
 # Delete the account's tail entries that were applied and hold nothing at or
 # after the new minute; drop the account from the dirty set once its tail is
@@ -110,20 +110,6 @@ class DocumentCache:
         self._items.move_to_end(doc_id)
         while len(self._items) > self._size:
             self._items.popitem(last=False)
-
-
-@dataclass
-class Series:
-    """Per-minute totals and types of one hour (for time series), in its hour bucket."""
-
-    minutes: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
-
-    def add(self, minute: int, counts: Counts) -> None:
-        total, types = self.minutes.get(minute, (0, {}))
-        merged = dict(types)
-        for t, n in counts.types.items():
-            merged[t] = merged.get(t, 0) + n
-        self.minutes[minute] = (total + counts.total, merged)
 
 
 class Roller:
@@ -332,7 +318,7 @@ class Roller:
             current = await self._series(current_id)
             for m, delta in series:
                 current.add(m, delta)
-            extra["series"] = Binary(_encode(current.minutes))
+            extra["series"] = current.encode()
         doc_id = bucket_id(new.account_id, resolution, start, tag)
         new.buckets(resolution)[start] = tag
         if current_id:
@@ -344,10 +330,10 @@ class Roller:
     async def _series(self, doc_id: str | None) -> Series:
         if doc_id is None:
             return Series()
-        doc = await self.db[keys.HOURS].find_one({"_id": doc_id}, {"series": 1})
-        if doc is None or "series" not in doc:
-            return Series()
-        return Series(dict(_series_decoder.decode(doc["series"])))
+        found = await read_series(self.db, doc_id)
+        if found is None:
+            raise LookupError(f"hour bucket {doc_id} is missing")
+        return found
 
     def _prune_indexes(self, head: Head) -> None:
         """Forget buckets past retention (retention deletes their documents)."""

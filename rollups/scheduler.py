@@ -44,7 +44,8 @@ RENEW_LEASE_EVERY = 50  # accounts
 
 async def ensure_rollup_indexes(db: Database) -> None:
     for name in (keys.MINUTES, keys.HOURS):
-        await db[name].create_index([("start", ASCENDING)])
+        await db[name].create_index([("start", ASCENDING)])  # retention
+    await db[keys.HOURS].create_index([("account_id", ASCENDING)])  # time series
 
 
 class RollupsProcess(Worker):
