@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format setup servers bench clean k6-smoke k6-load k6-spike k6-soak
+.PHONY: run test lint format setup servers bench clean k6-smoke k6-load k6-spike k6-soak test-deploy
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup lint
+test: setup lint test-deploy
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory k6-smoke
+
+# docker/ checked without a Docker engine (none runs here): BuildKit's Dockerfile
+# parser and lint rules, compose-go (`docker compose config`'s loader), the
+# deployment's own rules (scripts/deploy_check.py); seconds once the Go checker
+# is built into .cache/bin
+test-deploy: $(STAMP)
+	$(PY) -m pytest --noconftest -q tests/test_deploy.py
 
 # k6 scenarios: fresh stack + service, run, verify every 202 is stored exactly
 # once and summaries match the raw events, report, stop (K6_ARGS="-e BASE_RATE=30")

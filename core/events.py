@@ -3,6 +3,13 @@
 msgspec decodes and checks types, patterns, lengths and unknown fields in C;
 what it cannot express (timestamp bounds, metadata size and depth) is checked
 here afterwards, and only when the cheap pass already succeeded.
+
+Client clock skew: a batch that says when it was sent (``sent_at``) is shifted
+by ``received − sent_at`` only when that exceeds a threshold (:func:`clock_shift`),
+so a wrong device clock is corrected while network transit time is not folded
+into every timestamp (Segment, RudderStack and PostHog always shift). The bounds
+are checked on the corrected timestamps; the client's own stays as
+``original_timestamp``.
 """
 
 from __future__ import annotations
@@ -60,6 +67,8 @@ class Event(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, gc=F
     type: ShortText
     timestamp: Timestamp
     metadata: dict[str, Any] | None = None
+    # the client's timestamp when ``timestamp`` was corrected for clock skew
+    original_timestamp: Timestamp | None = None
 
 
 class EventSchema(Event):
@@ -84,16 +93,26 @@ class Limits:
     max_age: timedelta
     max_metadata_bytes: int
     max_metadata_depth: int
+    clock_skew_threshold: timedelta = timedelta(seconds=60)
 
 
 class NotJSON(ValueError):
     """The body is not JSON at all (as opposed to JSON that breaks the schema)."""
 
 
+class EventsEnvelope(msgspec.Struct, forbid_unknown_fields=True):
+    """The optional object form of a POST /events body: the batch and when it was sent."""
+
+    events: msgspec.Raw
+    sent_at: Timestamp | None = None
+
+
 _batch_decoder = msgspec.json.Decoder(list[Event])
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _event_decoder = msgspec.json.Decoder(EventSchema)
+_envelope_decoder = msgspec.json.Decoder(EventsEnvelope)
 _encoder = msgspec.json.Encoder()
+_JSON_SPACE = b" \t\r\n"
 _PATH = re.compile(r"at `\$(?:\[(\d+)\])?\.?([A-Za-z0-9_]+)?")
 
 
@@ -102,8 +121,56 @@ def decode_events(body: bytes) -> list[Event]:
     return _batch_decoder.decode(body)
 
 
-def validate_batch(body: bytes, limits: Limits, now: datetime) -> tuple[list[Event], list[Problem]]:
-    """Return the events, or the first problems found (nothing partial)."""
+def encode_events(events: list[Event]) -> bytes:
+    """A batch as the flusher decodes it (after a skew correction changed it)."""
+    return _encoder.encode(events)
+
+
+def unwrap_envelope(body: bytes) -> tuple[bytes, datetime | None, list[Problem]]:
+    """The events array of a POST /events body, its ``sent_at``, or why it is refused.
+
+    A body that is not an object is returned as it is: the plain array form.
+    """
+    first = body[:1]
+    if first != b"{" and (first not in _JSON_SPACE or body.lstrip(_JSON_SPACE)[:1] != b"{"):
+        return body, None, []
+    try:
+        envelope = _envelope_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        return b"", None, [_envelope_problem(str(exc))]
+    except msgspec.DecodeError as exc:
+        raise NotJSON(str(exc)) from None
+    except RecursionError:
+        return b"", None, [Problem(None, "events", "nested too deeply")]
+    return bytes(envelope.events), envelope.sent_at, []
+
+
+def _envelope_problem(message: str) -> Problem:
+    match = _PATH.search(message)
+    field = match.group(2) if match else None
+    if field is None and message.startswith(("Object missing required", "Object contains unknown")):
+        field = message.split("`")[1]
+    return Problem(None, field, message.split(" - at `")[0])
+
+
+def clock_shift(sent_at: datetime, received_at: datetime, threshold: timedelta) -> timedelta | None:
+    """How far to move a batch's timestamps: ``received − sent_at`` beyond the threshold.
+
+    Within it the difference is mostly network transit (or a retry's wait),
+    which says nothing about the device clock, so nothing moves.
+    """
+    skew = received_at - sent_at
+    return skew if abs(skew) > threshold else None
+
+
+def validate_batch(
+    body: bytes, limits: Limits, now: datetime, shift: timedelta | None = None
+) -> tuple[list[Event], list[Problem]]:
+    """Return the events, or the first problems found (nothing partial).
+
+    With ``shift`` (see :func:`clock_shift`) every timestamp moves by it before
+    the bounds are checked, the same for all so the batch keeps its order.
+    """
     try:
         events = _batch_decoder.decode(body)
     except msgspec.ValidationError:
@@ -121,7 +188,17 @@ def validate_batch(body: bytes, limits: Limits, now: datetime) -> tuple[list[Eve
     if len(events) > limits.max_events:
         msg = f"the batch has {len(events)} events; at most {limits.max_events} allowed"
         return [], [Problem(None, None, msg)]
-    return events, _semantic_problems(events, limits, now)
+    if shift is None:
+        return events, _semantic_problems(events, limits, now)
+    note = f" (after correcting the client clock by {_seconds(shift)})"
+    for index, event in enumerate(events):
+        if event.original_timestamp is None:
+            event.original_timestamp = event.timestamp
+        try:
+            event.timestamp = event.timestamp + shift
+        except OverflowError:
+            return [], [Problem(index, "timestamp", f"out of range{note}")]
+    return events, _semantic_problems(events, limits, now, note)
 
 
 def _charsets_ok(events: list[Event]) -> bool:
@@ -180,7 +257,9 @@ def _problem_from_error(index: int, message: str) -> Problem:
     return Problem(index, field, clean)
 
 
-def _semantic_problems(events: list[Event], limits: Limits, now: datetime) -> list[Problem]:
+def _semantic_problems(
+    events: list[Event], limits: Limits, now: datetime, note: str = ""
+) -> list[Problem]:
     latest = now + limits.max_future
     oldest = now - limits.max_age
     stamps = [e.timestamp for e in events]
@@ -195,13 +274,17 @@ def _semantic_problems(events: list[Event], limits: Limits, now: datetime) -> li
         if ts > latest:
             problems.append(
                 Problem(
-                    index, "timestamp", f"more than {_seconds(limits.max_future)} in the future"
+                    index,
+                    "timestamp",
+                    f"more than {_seconds(limits.max_future)} in the future{note}",
                 )
             )
         elif ts < oldest:
             problems.append(
                 Problem(
-                    index, "timestamp", f"older than the retention of {limits.max_age.days} days"
+                    index,
+                    "timestamp",
+                    f"older than the retention of {limits.max_age.days} days{note}",
                 )
             )
         if event.metadata is not None:
@@ -256,6 +339,10 @@ def _storable_problem(metadata: dict[str, Any], max_depth: int) -> str | None:
                 pending.append((item, depth + 1))
         elif isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
             return "integers must fit in 64 bits"
+        elif isinstance(value, str) and "\x00" in value:
+            # PostgreSQL (under FerretDB) cannot store NUL in JSON text: refusing it
+            # everywhere keeps an accepted event storable on every backend
+            return "strings may not contain the NUL character (U+0000)"
     return None
 
 
@@ -275,6 +362,8 @@ def to_document(event: Event, batch_id: str, ingested_at: datetime) -> dict[str,
     }
     if event.metadata is not None:
         doc["metadata"] = event.metadata
+    if event.original_timestamp is not None:
+        doc["original_timestamp"] = event.original_timestamp.astimezone(UTC)
     return doc
 
 
@@ -286,12 +375,21 @@ def storage_id(account_id: str, event_id: str) -> str:
 def batch_schema(max_events: int = 1000) -> dict[str, Any]:
     """JSON Schema of the POST /events body, self-contained for the OpenAPI document."""
     _, components = msgspec.json.schema_components([EventSchema])
-    return {
+    array = {
         "type": "array",
         "minItems": 1,
         "maxItems": max_events,
         "items": {**components["EventSchema"], "title": "Event"},
     }
+    envelope = {
+        "type": "object",
+        "title": "Envelope",
+        "description": "with sent_at, timestamps are corrected for client clock skew",
+        "properties": {"sent_at": {"type": "string", "format": "date-time"}, "events": array},
+        "required": ["events"],
+        "additionalProperties": False,
+    }
+    return {"oneOf": [array, envelope]}
 
 
 def now_utc() -> datetime:

@@ -188,6 +188,20 @@ class Series:
 async def read_series(db: Database, doc_id: str) -> Series | None:
     """The per-minute series of an hour bucket; None when the document is gone."""
     doc = await db[keys.HOURS].find_one({"_id": doc_id}, {"series": 1})
-    if doc is None:
-        return None
+    return None if doc is None else _series_of(doc)
+
+
+async def read_account_series(db: Database, account_id: str) -> dict[str, Series]:
+    """The series of every stored hour bucket of an account, by document id.
+
+    One equality query on the ``account_id`` index instead of one read per hour;
+    it returns every stored version, so callers keep the ids a head names.
+    """
+    found: dict[str, Series] = {}
+    async for doc in db[keys.HOURS].find({"account_id": account_id}, {"series": 1}):
+        found[doc["_id"]] = _series_of(doc)
+    return found
+
+
+def _series_of(doc: Document) -> Series:
     return Series(dict(_series_decoder.decode(doc["series"]))) if "series" in doc else Series()

@@ -29,6 +29,7 @@ class Settings:
     roles: frozenset[str] = ROLES
     # servers; empty means "the stack controller starts its own under var_dir"
     redis_url: str = ""
+    redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster
     mongo_url: str = ""
     var_dir: Path = Path("var")
     mongo_db: str = "events_service"
@@ -43,6 +44,8 @@ class Settings:
     max_future_seconds: int = 300
     max_metadata_bytes: int = 8 * 1024
     max_metadata_depth: int = 8
+    # a batch's timestamps move by received - sent_at only beyond this (0: always)
+    clock_skew_threshold_seconds: float = 60.0
     # backpressure: events waiting in the stream (accepted, not yet in MongoDB)
     queue_max_events: int = 1_000_000
     retry_after_seconds: int = 1
@@ -189,6 +192,8 @@ def _check(s: Settings) -> None:
         raise SettingsError("PORT must be at most 65535")
     if s.shutdown_grace_seconds < 0:
         raise SettingsError("SHUTDOWN_GRACE_SECONDS may not be negative")
+    if not 0 <= s.clock_skew_threshold_seconds < float("inf"):
+        raise SettingsError("CLOCK_SKEW_THRESHOLD_SECONDS must be a finite number, at least 0")
     # the 24h windows subtract minute buckets a day old, the 30d windows hour
     # buckets 30 days old: both must still be there
     if s.minute_retention_hours < 25:

@@ -84,17 +84,27 @@ def parse_entries(partition: int, reply: Sequence[Any]) -> list[TailEntry]:
     return out
 
 
-def queue_reads(pipe: Any, parts: Sequence[Partition], account_id: str) -> None:
-    """Queue an XRANGE of the account's tail in every partition."""
-    for part in parts:
-        pipe.xrange(part.tail(account_id), "-", "+")
+# One partition's tail of an account, with the server's clock at the moment it
+# was read. A script, because a Redis Cluster pipeline refuses a bare TIME.
+_READ = "return {redis.call('TIME'), redis.call('XRANGE', KEYS[1], '-', '+')}"
 
 
-def parse_reads(parts: Sequence[Partition], replies: Sequence[Any]) -> list[TailEntry]:
+async def read_tails(
+    client: Any, parts: Sequence[Partition], account_id: str
+) -> tuple[int, list[TailEntry]]:
+    """The account's tail in every partition, and the clock when it was read.
+
+    With several partitions (on several cluster nodes) the earliest of their
+    clocks is returned: every event acknowledged before it is in the entries.
+    """
+    async with client.pipeline(transaction=False) as pipe:
+        for part in parts:
+            pipe.eval(_READ, 1, part.tail(account_id))
+        replies = await pipe.execute()
     entries: list[TailEntry] = []
-    for part, reply in zip(parts, replies, strict=True):
+    for part, (_, reply) in zip(parts, replies, strict=True):
         entries.extend(parse_entries(part.index, reply))
-    return entries
+    return min(redis_time_ms(clock) for clock, _ in replies), entries
 
 
 def redis_time_ms(reply: Sequence[Any]) -> int:

@@ -18,14 +18,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
-import redis.asyncio as aioredis
 from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
-from redis.exceptions import RedisError
 from setproctitle import setproctitle
 
 from core import store
-from core.connections import connect_redis
+from core.connections import REDIS_ERRORS, Redis, connect_redis
 from core.logs import configure_logging
 from core.settings import Settings
 from core.store import Database, Document
@@ -48,7 +46,7 @@ class Worker(ABC):
     def __init__(self, settings: Settings, mongo_timeout_seconds: float | None = None) -> None:
         self.settings = settings
         self.stopping = asyncio.Event()
-        self.redis: aioredis.Redis = connect_redis(settings.redis_url)
+        self.redis: Redis = connect_redis(settings.redis_url, settings.redis_cluster)
         self.mongo: AsyncMongoClient[Document] = store.connect(settings, mongo_timeout_seconds)
         self.db: Database = store.database(self.mongo, settings)
 
@@ -77,7 +75,7 @@ class Worker(ABC):
             try:
                 await self.startup()
                 return True
-            except (PyMongoError, RedisError, OSError) as exc:
+            except (PyMongoError, *REDIS_ERRORS) as exc:
                 log.warning("start-up failed (%s); retrying", exc)
                 await asyncio.sleep(STARTUP_RETRY_SECONDS)
         return False

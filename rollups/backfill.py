@@ -32,10 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from redis.asyncio import Redis
-
 from core import keys, store
 from core.buckets import DAY, HOUR, MINUTE, Counts, Resolution, floor, ms, starts, to_datetime
+from core.connections import Redis
 from core.rollup_docs import read_packed
 from core.settings import Settings
 from core.store import Database

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import uuid
 
-import redis.asyncio as aioredis
+from core.connections import Redis
 
 # KEYS: lease; ARGV: token, ttl ms. Take it if free, extend it if ours.
 _ACQUIRE = """
@@ -28,7 +28,7 @@ return 0
 
 
 class Lease:
-    def __init__(self, client: aioredis.Redis, key: str, ttl_seconds: float, who: str) -> None:
+    def __init__(self, client: Redis, key: str, ttl_seconds: float, who: str) -> None:
         self.key = key
         self.token = f"{who}:{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
         self._ttl_ms = int(ttl_seconds * 1000)

@@ -32,7 +32,6 @@ from typing import Any
 
 import msgspec
 from pymongo.errors import DuplicateKeyError
-from redis.asyncio import Redis
 
 from core import keys
 from core.buckets import (
@@ -46,6 +45,7 @@ from core.buckets import (
     pack,
     window_start,
 )
+from core.connections import Redis
 from core.rollup_docs import (
     COLLECTIONS,
     Head,
@@ -61,7 +61,7 @@ from core.rollup_docs import (
 )
 from core.settings import Settings
 from core.store import Database, Document
-from core.tail import StreamId, TailEntry, format_id, parse_reads, queue_reads
+from core.tail import StreamId, TailEntry, format_id, read_tails
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,21 @@ class Rolled:
     head: Head
     events: int = 0
     documents: dict[Kind, int] = field(default_factory=dict)
+
+
+@dataclass
+class Draft:
+    """One rollover being written: from the old head to the new one."""
+
+    old: Head
+    new: Head
+    applied: dict[int, Counts]  # per minute, what enters the buckets now
+    # the rollover's own tag in every id it writes: two jobs never write the same id
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    docs: dict[Kind, list[Document]] = field(
+        default_factory=lambda: {"minute": [], "hour": [], "window": [], "index": []}
+    )
+    retired: list[tuple[Kind, str]] = field(default_factory=list)  # superseded ids
 
 
 class DocumentCache:
@@ -135,10 +150,8 @@ class Roller:
         return await read_head(self.db, account_id, with_index=True) or Head(account_id)
 
     async def read_tail(self, account_id: str) -> list[TailEntry]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            queue_reads(pipe, self.partitions, account_id)
-            replies = await pipe.execute()
-        return parse_reads(self.partitions, replies)
+        _, entries = await read_tails(self.redis, self.partitions, account_id)
+        return entries
 
     async def roll(
         self, account_id: str, minute: int, corrections: dict[int, Counts] | None = None
@@ -184,22 +197,19 @@ class Roller:
             hours=dict(old.hours),
             index=old.index,
         )
-        rolled = Rolled(new, events=sum(c.total for c in applied.values()))
-        tag = f"{new.version}.{secrets.token_hex(3)}"
-        docs: dict[Kind, list[Document]] = {"minute": [], "hour": [], "window": [], "index": []}
-        retired: list[tuple[Kind, str]] = []
-        await self._write_windows(old, new, tag, applied, docs, retired)
-        await self._write_buckets(old, new, tag, applied, docs, retired)
+        draft = Draft(old, new, applied)
+        await self._move_windows(draft)
+        await self._write_buckets(draft)
         self._prune_indexes(new)
         if (new.minutes, new.hours) != (old.minutes, old.hours) or new.index is None:
             if old.index:
-                retired.append(("index", old.index))
-            new.index = index_id(new.account_id, tag)
-            docs["index"].append(new.index_document())
-        new.retired = retired
-        await self._publish(old, new, docs)
-        for kind, written in docs.items():
-            rolled.documents[kind] = len(written)
+                draft.retired.append(("index", old.index))
+            new.index = index_id(new.account_id, draft.tag)
+            draft.docs["index"].append(new.index_document())
+        new.retired = draft.retired
+        await self._publish(old, new, draft.docs)
+        rolled = Rolled(new, events=sum(c.total for c in applied.values()))
+        rolled.documents = {kind: len(written) for kind, written in draft.docs.items()}
         return rolled
 
     def _to_apply(self, old: Head, entries: list[TailEntry], minute: int) -> dict[int, Counts]:
@@ -233,19 +243,12 @@ class Roller:
         self.cache.put(doc_id, counts)
         return counts
 
-    async def _write_windows(
-        self,
-        old: Head,
-        new: Head,
-        tag: str,
-        applied: dict[int, Counts],
-        docs: dict[Kind, list[Document]],
-        retired: list[tuple[Kind, str]],
-    ) -> None:
+    async def _move_windows(self, draft: Draft) -> None:
+        old, new = draft.old, draft.new
         assert new.minute is not None
         for window in WINDOWS:
             start = window_start(window, new.minute)
-            entering = [c for m, c in applied.items() if start <= m]
+            entering = [c for m, c in draft.applied.items() if start <= m]
             leaving: list[Counts] = []
             if old.minute is not None:
                 resolution = leaving_resolution(window)
@@ -263,52 +266,40 @@ class Roller:
             for came in entering:
                 counts.merge(came)
             if current_id:
-                retired.append(("window", current_id))
+                draft.retired.append(("window", current_id))
             if not counts:
                 new.windows.pop(window, None)
                 continue
-            doc_id = window_id(new.account_id, window, new.minute, tag)
+            doc_id = window_id(new.account_id, window, new.minute, draft.tag)
             new.windows[window] = doc_id
             self.cache.put(doc_id, counts)
-            docs["window"].append(document("window", doc_id, new.account_id, start, pack(counts),
-                                           window=window, minute=new.minute))  # fmt: skip
+            aggregate = document("window", doc_id, new.account_id, start, pack(counts),
+                                 window=window, minute=new.minute)  # fmt: skip
+            draft.docs["window"].append(aggregate)
 
-    async def _write_buckets(
-        self,
-        old: Head,
-        new: Head,
-        tag: str,
-        applied: dict[int, Counts],
-        docs: dict[Kind, list[Document]],
-        retired: list[tuple[Kind, str]],
-    ) -> None:
-        assert new.minute is not None
-        minute_floor = new.minute - self.settings.minute_retention_hours * HOUR
-        hour_floor = new.minute - self.settings.hour_retention_days * 24 * HOUR
+    async def _write_buckets(self, draft: Draft) -> None:
+        assert draft.new.minute is not None
+        minute_floor = draft.new.minute - self.settings.minute_retention_hours * HOUR
+        hour_floor = draft.new.minute - self.settings.hour_retention_days * 24 * HOUR
         per_hour: dict[int, list[tuple[int, Counts]]] = {}
-        for m, delta in sorted(applied.items()):
+        for m, delta in sorted(draft.applied.items()):
             per_hour.setdefault(floor(m, "hour"), []).append((m, delta))
             if m < minute_floor:
                 continue  # past minute retention: only its hour is kept
-            await self._new_version(old, new, tag, "minute", m, [delta], docs, retired)
+            await self._new_version(draft, "minute", m, [delta])
         for h, minutes in per_hour.items():
-            if h < hour_floor:
-                continue
-            deltas = [d for _, d in minutes]
-            await self._new_version(old, new, tag, "hour", h, deltas, docs, retired, minutes)
+            if h >= hour_floor:
+                await self._new_version(draft, "hour", h, [d for _, d in minutes], minutes)
 
     async def _new_version(
         self,
-        old: Head,
-        new: Head,
-        tag: str,
+        draft: Draft,
         resolution: Resolution,
         start: int,
         deltas: list[Counts],
-        docs: dict[Kind, list[Document]],
-        retired: list[tuple[Kind, str]],
         series: list[tuple[int, Counts]] | None = None,
     ) -> None:
+        old, new = draft.old, draft.new
         current_id = old.bucket_doc_id(resolution, start)
         counts = (await self._counts(resolution, current_id)).copy()
         for delta in deltas:
@@ -319,13 +310,13 @@ class Roller:
             for m, delta in series:
                 current.add(m, delta)
             extra["series"] = current.encode()
-        doc_id = bucket_id(new.account_id, resolution, start, tag)
-        new.buckets(resolution)[start] = tag
+        doc_id = bucket_id(new.account_id, resolution, start, draft.tag)
+        new.buckets(resolution)[start] = draft.tag
         if current_id:
-            retired.append((resolution, current_id))
+            draft.retired.append((resolution, current_id))
         self.cache.put(doc_id, counts)
-        docs[resolution].append(document(resolution, doc_id, new.account_id, start, pack(counts),
-                                         **extra))  # fmt: skip
+        draft.docs[resolution].append(document(resolution, doc_id, new.account_id, start,
+                                               pack(counts), **extra))  # fmt: skip
 
     async def _series(self, doc_id: str | None) -> Series:
         if doc_id is None:

@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pymongo import ASCENDING
 from pymongo.errors import PyMongoError
-from redis.exceptions import RedisError
 
 from core import keys, metrics, store
 from core.buckets import floor
+from core.connections import REDIS_ERRORS
 from core.settings import Settings
 from core.store import Database
 from core.tail import redis_time_ms
@@ -83,7 +83,7 @@ class RollupsProcess(Worker):
                 pass
 
     async def shutdown(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.lease.release()
 
     async def _lead(self) -> bool:
@@ -106,7 +106,7 @@ class RollupsProcess(Worker):
                     return
                 started = time.monotonic()
                 rolled, failed = await self.roll_due(minute)
-            except (PyMongoError, RedisError, OSError) as exc:
+            except (PyMongoError, *REDIS_ERRORS) as exc:
                 metrics.ROLLUP_RUNS.labels("error").inc()
                 log.warning("rollover pass failed (%s); the next run redoes it", exc)
                 return
@@ -147,7 +147,7 @@ class RollupsProcess(Worker):
                 except HeadConflict:
                     failed += 1
                     log.info("account %s was rolled by another job; retried next run", account)
-                except (PyMongoError, RedisError, OSError, LookupError) as exc:
+                except (PyMongoError, LookupError, *REDIS_ERRORS) as exc:
                     failed += 1
                     log.warning("rolling account %s failed: %s", account, exc)
 
@@ -181,7 +181,7 @@ class RollupsProcess(Worker):
                     return
                 now = redis_time_ms(await self.redis.time())
                 await self.retention.sweep(now)
-            except (PyMongoError, RedisError, OSError) as exc:
+            except (PyMongoError, *REDIS_ERRORS) as exc:
                 log.warning("retention sweep failed (%s); the next one goes on", exc)
 
 

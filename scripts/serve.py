@@ -17,10 +17,12 @@ from core.settings import SettingsError, load_settings
 
 def command(argv: list[str] | None = None) -> list[str]:
     settings = load_settings()
+    # a host without the http role still answers /health, /ready and /metrics
+    workers = settings.workers if settings.runs("http") else 1
     return [
         sys.executable, "-m", "sanic", "service.app:create_app", "--factory",
         "--host", settings.host, "--port", str(settings.port),
-        "--workers", str(settings.workers), *(argv or []),
+        "--workers", str(workers), *(argv or []),
     ]  # fmt: skip
 
 

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -127,14 +129,16 @@ def ensure_ferretdb() -> Path:
     return FERRETDB_BIN
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, logfile: Path) -> None:
+def _wait_for_port(
+    host: str, port: int, proc: subprocess.Popen[bytes], name: str, logfile: Path
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
             raise StackError(f"{name} exited with {proc.returncode} at start-up:\n{tail}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -148,6 +152,7 @@ class Server:
     name: str
     data_dir: Path
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"  # the address clients reach it on (and it listens on)
     proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -169,7 +174,7 @@ class Server:
             self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         out.close()
-        _wait_for_port(self.port, self.proc, self.name, self.logfile)
+        _wait_for_port(self.host, self.port, self.proc, self.name, self.logfile)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc and self.proc.poll() is None:
@@ -196,7 +201,7 @@ class RedisServer(Server):
     def command(self) -> list[str]:
         binary = ensure_redis_server()
         return [
-            binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            binary, "--port", str(self.port), "--bind", self.host,
             "--dir", str(self.data_dir.resolve()), "--appendonly", "yes",
             "--appendfsync", self.fsync, "--save", "", "--protected-mode", "no",
             "--daemonize", "no",
@@ -204,7 +209,65 @@ class RedisServer(Server):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port > 55000:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@dataclass(kw_only=True)
+class RedisClusterNode(RedisServer):
+    """A master of a local Redis Cluster (``running_redis_cluster``)."""
+
+    port: int = field(default_factory=cluster_port)
+
+    def command(self) -> list[str]:
+        # a dead master stops only its own slots, and is noticed within seconds
+        return [*super().command(), "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                "--cluster-require-full-coverage", "no"]  # fmt: skip
+
+
+def _cluster_ok(node: RedisServer) -> bool:
+    out = subprocess.run(["redis-cli", "-p", str(node.port), "cluster", "info"],
+                         capture_output=True, text=True, check=False).stdout  # fmt: skip
+    return "cluster_state:ok" in out
+
+
+@contextmanager
+def running_redis_cluster(var_dir: Path, masters: int = 3) -> Iterator[list[RedisClusterNode]]:
+    """A real Redis Cluster on loopback: ``masters`` masters, no replicas, AOF on."""
+    nodes = [RedisClusterNode(name=f"redis-node-{i}", data_dir=var_dir / f"redis-node-{i}")
+             for i in range(masters)]  # fmt: skip
+    try:
+        for node in nodes:
+            node.start()
+        subprocess.run(
+            ["redis-cli", "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in nodes), "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT
+        while not all(_cluster_ok(n) for n in nodes):
+            if time.monotonic() > deadline:
+                raise StackError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.2)
+        log(f"Redis Cluster on ports {', '.join(str(n.port) for n in nodes)}")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 def _as_postgres_user() -> list[str]:
@@ -321,12 +384,12 @@ class FerretDBServer(Server):
 
     def command(self) -> list[str]:
         binary = ensure_ferretdb()
-        return [str(binary), "--listen", f"127.0.0.1:{self.port}",
+        return [str(binary), "--listen", f"{self.host}:{self.port}",
                 "--postgresql-url", self.postgresql_url]  # fmt: skip
 
     @property
     def url(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/"
+        return f"mongodb://{self.host}:{self.port}/"
 
 
 @dataclass(kw_only=True)
@@ -347,9 +410,11 @@ class Stack:
 
 
 @contextmanager
-def running_stack(var_dir: Path, redis_url: str = "", mongo_url: str = "") -> Iterator[Stack]:
-    """Start what is not given by URL under ``var_dir``; stop it on exit."""
-    redis = None if redis_url else RedisServer(data_dir=var_dir / "redis")
+def running_stack(
+    var_dir: Path, redis_url: str = "", mongo_url: str = "", host: str = "127.0.0.1"
+) -> Iterator[Stack]:
+    """Start what is not given by URL under ``var_dir``, reachable on ``host``; stop on exit."""
+    redis = None if redis_url else RedisServer(data_dir=var_dir / "redis", host=host)
     postgres = None if mongo_url else PostgresServer(data_dir=var_dir / "postgres")
     mongo = None
     try:
@@ -359,7 +424,9 @@ def running_stack(var_dir: Path, redis_url: str = "", mongo_url: str = "") -> It
         if postgres:
             postgres.start()
             log(f"PostgreSQL on 127.0.0.1:{postgres.port} (data in {postgres.data_dir})")
-            mongo = FerretDBServer(data_dir=var_dir / "ferretdb", postgresql_url=postgres.url)
+            mongo = FerretDBServer(
+                data_dir=var_dir / "ferretdb", postgresql_url=postgres.url, host=host
+            )
             mongo.start()
             log(f"FerretDB on {mongo.url}")
         yield Stack(
@@ -395,6 +462,17 @@ def exec_with_stack(command: Sequence[str]) -> int:
         return code
 
 
+def serve_until_stopped(var_dir: Path, host: str) -> int:
+    """Run the servers for other processes (another network namespace, say) until SIGTERM."""
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _s, _f: stopping.set())
+    signal.signal(signal.SIGINT, lambda _s, _f: stopping.set())
+    with running_stack(var_dir, host=host) as stack:
+        print(json.dumps(stack.env()), flush=True)
+        stopping.wait()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.stack",
@@ -405,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("setup", help="install redis-server and PostgreSQL, build FerretDB if missing")
     run = sub.add_parser("exec", help="start the servers, run a command, stop them")
     run.add_argument("command", nargs=argparse.REMAINDER)
+    serve = sub.add_parser("serve", help="start the servers, print their URLs, run until SIGTERM")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    serve.add_argument("--var-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
         if args.verb == "setup":
@@ -412,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             postgres_bin_dir()
             ensure_ferretdb()
             return 0
+        if args.verb == "serve":
+            return serve_until_stopped(args.var_dir, args.host)
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         if not command:
             parser.error("exec needs a command after --")

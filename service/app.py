@@ -24,11 +24,13 @@ from core.metrics import export_metrics_dir
 from core.settings import Settings, load_settings
 from core.worker import set_title
 from rollups.scheduler import rollups_process
-from service import errors, ops
+from service import errors, ops, sdks
+from service.dashboard import get_dashboard
 from service.flusher import flusher_process
 from service.ingest import limits_from, post_events
 from service.queue import Producer
 from service.summary import SingleFlight, get_summary, rollup_figures
+from service.timeseries import DEFAULT_STEPS, MAX_POINTS, STEPS, get_timeseries
 from service.watchdog import Watchdog
 
 App = Sanic[Any, Any]
@@ -60,7 +62,9 @@ def build_app(settings: Settings) -> App:
         version="0.2.0",
         description="Batched user-activity events in; exact per-account summaries out.",
     )
-    _add_routes(app)
+    if settings.runs("http"):
+        _add_routes(app)
+    _add_ops_routes(app)
     app.error_handler.add(Exception, _render_error)
     _add_listeners(app, settings)
     return app
@@ -90,6 +94,7 @@ def _add_routes(app: App) -> None:
         ],
     )(post_events)
     app.add_route(ingest, "/events", methods=["POST"], name="post_events")
+    sdks.add_routes(app)  # Segment/RudderStack and PostHog SDK routes, same pipeline
     params: list[Any] = [
         openapi.definitions.Parameter(
             "window", str, "query", description="15m, 1h, 6h, 24h (default), 7d or 30d"
@@ -110,6 +115,31 @@ def _add_routes(app: App) -> None:
         ],
     )(get_summary)
     app.add_route(summary_query, "/summary", methods=["GET"], name="summary_query")
+    steps = f"{', '.join(STEPS)}; must divide the window, at most {MAX_POINTS} steps"
+    defaults = ", ".join(f"{w}: {s}" for w, s in DEFAULT_STEPS.items())
+    timeseries = openapi.definition(
+        summary="Exact per-account events per step (total and per type) for a window ending now",
+        description=(
+            "Points cover [from, to) in steps starting at `from`; the last one ends at `to`. "
+            "They add up to /summary's figures for the same window and moment."
+        ),
+        parameter=[
+            params[0],
+            openapi.definitions.Parameter(
+                "step", str, "query", description=f"{steps} (default by window: {defaults})"
+            ),
+        ],
+    )(get_timeseries)
+    app.add_route(timeseries, "/timeseries/<account_id:str>", methods=["GET"], name="timeseries")
+    page = openapi.definition(
+        summary="A live dashboard of one account (HTML; reads /summary and /timeseries)",
+        response=[openapi.definitions.Response({"text/html": {"type": "string"}}, status=200)],
+    )(get_dashboard)
+    app.add_route(page, "/dashboard", methods=["GET"], name="dashboard")
+
+
+def _add_ops_routes(app: App) -> None:
+    """Every host answers these, whatever its roles."""
     app.add_route(ops.health, "/health", methods=["GET"], name="health")
     app.add_route(ops.ready, "/ready", methods=["GET"], name="ready")
     app.add_route(ops.metrics_endpoint, "/metrics", methods=["GET"], name="metrics")
@@ -120,7 +150,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
     async def connect(app: App) -> None:
         set_title("http worker")
         configure_logging("http", settings.log_level)
-        app.ctx.redis = connect_redis(settings.redis_url)
+        app.ctx.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         app.ctx.producer = Producer(app.ctx.redis, settings)
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
@@ -147,6 +177,8 @@ def _add_listeners(app: App, settings: Settings) -> None:
             app.manager.manage("rollups", rollups_process, kwargs, restartable=True)
         app.ctx.watchdog = Watchdog(app.manager, settings.watchdog_interval_seconds)
         app.ctx.watchdog.start()
+        # the watchdog must not restart what a shutdown stops, and a shutdown must end
+        app.ctx.watchdog.stop_on_signals(settings.shutdown_grace_seconds + 15)
 
     @app.main_process_stop
     async def stop_watchdog(app: App) -> None:

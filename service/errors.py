@@ -74,8 +74,10 @@ class Unauthorized(ApiError):
     status_code = 401
     error = "unauthorized"
 
-    def __init__(self) -> None:
-        super().__init__("send a valid API key in X-API-Key or Authorization: Bearer")
+    def __init__(
+        self, message: str = "send a valid API key in X-API-Key or Authorization: Bearer"
+    ) -> None:
+        super().__init__(message)
 
 
 class Forbidden(ApiError):

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import msgspec
 from pymongo.errors import BulkWriteError, PyMongoError
+from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -42,7 +43,9 @@ from service.queue import Consumer, Entry, Retirement
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_REDIS = (RedisConnectionError, RedisTimeoutError, OSError)
+# a Redis Cluster adds failing-over nodes and moving slots to the usual outages
+TRANSIENT_REDIS = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError,
+                   RedisClusterException, OSError)  # fmt: skip
 MAX_BACKOFF = 5.0
 CLAIM_EVERY_SECONDS = 5.0
 ENTRIES_PER_READ = 100
@@ -84,6 +87,10 @@ class Flusher(Worker):
         self.consumers = [Consumer(self.redis, p, self.name, settings) for p in parts]
         self._failures: dict[str, int] = {}
         self._last_claim = 0.0
+        self._entry_size = 100.0  # events per stream entry, a running average
+        # partitions whose Redis node is unreachable: left alone until then, so a
+        # Redis Cluster node that is down stops only its own partitions
+        self._resting: dict[int, tuple[float, float]] = {}  # partition -> (until, delay)
 
     async def startup(self) -> None:
         for consumer in self.consumers:
@@ -107,23 +114,50 @@ class Flusher(Worker):
             turn += 1
             if lane == 0:
                 await self._claim_if_due()
-            entries = await self._retry("read", partial(self._collect, consumer))
+            if not self._awake(consumer):
+                await asyncio.sleep(0.05 if turn % len(self.consumers) == 0 else 0)
+                continue
+            try:
+                entries = await self._collect(consumer)
+            except TRANSIENT_REDIS as exc:
+                self._rest(consumer, "read", exc)
+                continue
+            self._resting.pop(consumer.partition.index, None)
             if entries:
                 await self.flush(consumer, entries)
+
+    def _awake(self, consumer: Consumer) -> bool:
+        until, _ = self._resting.get(consumer.partition.index, (0.0, 0.0))
+        return time.monotonic() >= until
+
+    def _rest(self, consumer: Consumer, what: str, exc: BaseException) -> None:
+        _, delay = self._resting.get(consumer.partition.index, (0.0, 0.05))
+        delay = min(MAX_BACKOFF, delay * 2)
+        self._resting[consumer.partition.index] = (time.monotonic() + delay, delay)
+        metrics.FLUSH_ERRORS.labels("transient").inc()
+        log.warning("%s of partition %d failed (%s: %s); trying it again in %.1fs", what,
+                    consumer.partition.index, type(exc).__name__, exc, delay)  # fmt: skip
 
     async def _drain(
         self, consumer: Consumer, read: Callable[[int], Awaitable[list[Entry]]]
     ) -> None:
         """Flush what an earlier run (or a dead consumer) left unacknowledged."""
-        while not self.stopping.is_set():
-            entries = await self._retry("read pending", lambda: read(ENTRIES_PER_READ))
+        while not self.stopping.is_set() and self._awake(consumer):
+            try:
+                entries = await read(self._entries_per_flush())
+            except TRANSIENT_REDIS as exc:
+                # reclaiming picks them up once the partition answers again
+                self._rest(consumer, "reading pending entries", exc)
+                return
             if not entries:
                 return
             log.info("recovering %d unacknowledged stream entries", len(entries))
             await self.flush(consumer, entries)
 
     async def _claim_if_due(self) -> None:
-        if time.monotonic() - self._last_claim < CLAIM_EVERY_SECONDS:
+        # often enough that a dead flusher's entries move within ~1.5x CLAIM_IDLE_MS
+        every = max(0.5, min(CLAIM_EVERY_SECONDS, self.settings.claim_idle_ms / 2000))
+        if time.monotonic() - self._last_claim < every:
             return
         self._last_claim = time.monotonic()
         for consumer in self.consumers:
@@ -141,13 +175,23 @@ class Flusher(Worker):
             remaining_ms = min(max_block, int((deadline - time.monotonic()) * 1000))
             if remaining_ms <= 0:
                 break
-            wanted = max(1, min(ENTRIES_PER_READ, s.flush_batch_size - events))
+            # entries hold 1..1000 events: ask for as many as should fill the batch
+            # at the sizes seen so far (never 100 entries of 1000 at once)
+            # the first entry tells the size of the ones behind it
+            wanted = self._entries_per_flush(s.flush_batch_size - events) if entries else 1
             got = await consumer.read_new(wanted, remaining_ms)
             if not got and (entries or len(self.consumers) > 1):
                 break
             entries.extend(got)
             events += sum(e.count for e in got)
+            if got:
+                seen = sum(e.count for e in got) / len(got)
+                self._entry_size = 0.8 * self._entry_size + 0.2 * seen
         return entries
+
+    def _entries_per_flush(self, room: int | None = None) -> int:
+        room = self.settings.flush_batch_size if room is None else room
+        return max(1, min(ENTRIES_PER_READ, int(room / self._entry_size)))
 
     async def flush(self, consumer: Consumer, entries: list[Entry]) -> None:
         """Store the entries' events, then retire them; never returns having lost any."""

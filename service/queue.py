@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from core.connections import REDIS_ERRORS, Redis
 from core.keys import GROUP, Partition, partition_of
 from core.settings import Settings
 
-# KEYS: stream, depth counter, rate-limit key ("" when off)
+# KEYS: stream, depth counter, rate-limit key (unused when the limit is off)
 # ARGV: events in this batch, body, queue bound, rate limit per second
 # returns 1 when queued, -1 when the queue is full, -2 when rate limited
 _ENQUEUE = """
@@ -102,7 +103,7 @@ class Producer:
     own reply, so a 202 still means Redis has acknowledged that batch.
     """
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: Redis, settings: Settings) -> None:
         self._client = client
         self._settings = settings
         self._sha = hashlib.sha1(_ENQUEUE.encode()).hexdigest().encode()
@@ -115,7 +116,9 @@ class Producer:
     async def enqueue(self, body: bytes, count: int, account_id: str, client_id: str) -> int:
         part = partition_of(self._settings, account_id)
         limit = self._settings.rate_limit_events_per_second
-        rate_key = part.rate(client_id, int(time.time())) if limit else ""
+        # a key of the partition's slot even when unused: a Redis Cluster refuses a
+        # script whose keys live on different slots
+        rate_key = part.rate(client_id, int(time.time())) if limit else part.rate("-", 0)
         args = [self._sha, b"3", part.stream, part.depth, rate_key, count, body, *self._tail]
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[int] = loop.create_future()
@@ -141,6 +144,10 @@ class Producer:
                 for i, result in zip(forgotten, again, strict=True):
                     results[i] = result
         except Exception as exc:  # the connection failed: every caller hears it
+            if not isinstance(exc, REDIS_ERRORS):
+                # redis-py's cluster client can fail this way while a node dies; to the
+                # caller it is the same: the enqueue may or may not have happened
+                exc = RedisConnectionError(f"the Redis client failed: {exc!r}")
             for _, reply in batch:
                 if not reply.done():
                     reply.set_exception(exc)
@@ -190,7 +197,7 @@ class Retirement:
 class Consumer:
     """What a flusher needs from one partition: read, reclaim, retire."""
 
-    def __init__(self, client: aioredis.Redis, part: Partition, name: str, settings: Settings):
+    def __init__(self, client: Redis, part: Partition, name: str, settings: Settings):
         self._client = client
         self.partition = part
         self.name = name

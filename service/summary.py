@@ -26,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import msgspec
 from pymongo.errors import PyMongoError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sanic import HTTPResponse, Request
 
 from core import keys
@@ -47,11 +46,12 @@ from core.buckets import (
     top_users,
     window_start,
 )
+from core.connections import REDIS_ERRORS, Redis
 from core.metrics import Live
 from core.rollup_docs import Head, load_index, read_head, read_packed
 from core.settings import Settings
 from core.store import Database
-from core.tail import TailEntry, last_ids, parse_reads, queue_reads, redis_time_ms
+from core.tail import TailEntry, last_ids, read_tails, redis_time_ms
 from service.auth import authenticate, authorize
 from service.errors import BadRequest, Unavailable, client_input
 
@@ -60,6 +60,8 @@ T = TypeVar("T")
 ACCOUNT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$(?!\n)")
 MAX_TOP = 100
 ATTEMPTS = 20  # a read that raced a rollover is simply redone
+NONE_HELD = -(2**63)  # below every timestamp
+ALL_HELD = 2**63  # above every timestamp
 _encode = msgspec.json.Encoder().encode
 
 
@@ -106,26 +108,36 @@ def iso(epoch_ms: int) -> str:
     return to_datetime(epoch_ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def held_before(entry: TailEntry, head: Head | None) -> int:
+    """The entry's events timestamped before this are in the head's documents; later ones
+    are not, so they count from the tail.
+
+    The head's documents hold the events before its minute of every entry it
+    applied, and nothing of the entries it has not applied yet.
+    """
+    if head is None or entry.entry_id > head.applied_id(entry.partition):
+        return NONE_HELD
+    return head.minute if head.minute is not None else ALL_HELD
+
+
 def tail_counts(
     entries: list[TailEntry], head: Head | None, start: int, to: int
 ) -> tuple[Counts, int]:
     """Tail events in ``[start, to)`` that the head's aggregates do not hold."""
     counts = Counts()
     seen = 0
-    since = head.minute if head and head.minute is not None else None
     for entry in entries:
-        unapplied = head is None or entry.entry_id > head.applied_id(entry.partition)
+        held = held_before(entry, head)
         events = entry.events
         seen += len(events.ts)
-        lowest = start if unapplied else max(start, since if since is not None else to)
-        if lowest <= min(events.ts) and max(events.ts) < to:
+        if max(start, held) <= min(events.ts) and max(events.ts) < to:
             # the whole entry counts (the usual case): count it in C
             counts.total += len(events.ts)
             _add_all(counts.types, Counter(events.types))
             _add_all(counts.users, Counter(events.users))
             continue
         for ts, event_type, user in zip(events.ts, events.types, events.users, strict=True):
-            if start <= ts < to and (unapplied or (since is not None and ts >= since)):
+            if start <= ts < to and ts >= held:
                 counts.add_event(event_type, user)
     return counts, seen
 
@@ -219,13 +231,7 @@ class Snapshot:
 
 
 async def read_tail(redis: Redis, settings: Settings, account: str, window: str) -> Snapshot:
-    parts = keys.partitions(settings)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.time()
-        queue_reads(pipe, parts, account)
-        replies = await pipe.execute()
-    to = redis_time_ms(replies[0])
-    entries = parse_reads(parts, replies[1:])
+    to, entries = await read_tails(redis, keys.partitions(settings), account)
     # the same minute and the same tail give the same figures, whatever the
     # rollups did meanwhile: a new stored event always changes the key
     tails = ",".join(f"{p}:{i[0]}-{i[1]}" for p, i in sorted(last_ids(entries).items()))
@@ -262,18 +268,54 @@ async def compute(
     cached: Callable[[str], Awaitable[bytes | None]] | None = None,
 ) -> tuple[Figures | bytes, str]:
     """The window's figures (or a cached answer for them), and their cache key."""
-    for attempt in range(1, ATTEMPTS + 1):
+
+    async def attempt() -> tuple[Figures | bytes, str]:
         snapshot = await read_tail(redis, settings, account, window)
         if cached is not None and (hit := await cached(snapshot.cache_key)) is not None:
             return hit, snapshot.cache_key
+        return await figures_at(db, snapshot, account, window), snapshot.cache_key
+
+    (found, key), attempts = await consistently(attempt)
+    if isinstance(found, Figures):
+        found.reads.attempts = attempts
+    return found, key
+
+
+async def consistently(read: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+    """What ``read()`` returns, and on which attempt: a read that raced a rollover is redone."""
+    for attempt in range(1, ATTEMPTS + 1):
         try:
-            figures = await figures_at(db, snapshot, account, window)
+            return await read(), attempt
         except Raced:
             await asyncio.sleep(0.005 * attempt)
-            continue
-        figures.reads.attempts = attempt
-        return figures, snapshot.cache_key
     raise Unavailable("the rollups kept changing under this read; retry", 1)
+
+
+@contextmanager
+def stores_unavailable(settings: Settings) -> Iterator[None]:
+    """MongoDB or Redis unreachable while reading: a 503 with Retry-After, not a 500."""
+    try:
+        yield
+    except PyMongoError as exc:
+        retry = settings.retry_after_seconds
+        raise Unavailable("MongoDB is unreachable; retry later", retry) from exc
+    except REDIS_ERRORS as exc:
+        raise Unavailable(
+            "Redis is unreachable; retry later", settings.retry_after_seconds
+        ) from exc
+
+
+def check_account(account: str | None) -> str:
+    if not account or not ACCOUNT.match(account):
+        raise BadRequest("account_id must be 1..64 characters of A-Z a-z 0-9 _ . : -",
+                         field="account_id")  # fmt: skip
+    return account
+
+
+def check_window(window: str | None) -> str:
+    if window is None or window not in WINDOWS:
+        raise BadRequest(f"window must be one of {', '.join(WINDOWS)}", field="window")
+    return window
 
 
 def parse_request(request: Request, account_id: str | None) -> tuple[str, str, int]:
@@ -282,11 +324,7 @@ def parse_request(request: Request, account_id: str | None) -> tuple[str, str, i
         account = account_id if account_id is not None else args.get("account_id")
         window = args.get("window", "24h")
         top_text = str(args.get("top", "5"))
-    if not account or not ACCOUNT.match(account):
-        raise BadRequest("account_id must be 1..64 characters of A-Z a-z 0-9 _ . : -",
-                         field="account_id")  # fmt: skip
-    if window not in WINDOWS:
-        raise BadRequest(f"window must be one of {', '.join(WINDOWS)}", field="window")
+    account, window = check_account(account), check_window(window)
     # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
     if not (top_text.isascii() and top_text.isdigit()) or not 1 <= int(top_text) <= MAX_TOP:
         raise BadRequest(f"top must be a whole number from 1 to {MAX_TOP}", field="top")
@@ -306,16 +344,9 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
     async def answer() -> tuple[Figures | bytes, str]:
         return await compute(db, redis, settings, account, window, cached)
 
-    try:
+    with stores_unavailable(settings):
         # identical requests arriving together share one computation
         found, key = await in_flight.run(f"{account}:{window}:{top}", answer)
-    except PyMongoError as exc:
-        retry = settings.retry_after_seconds
-        raise Unavailable("MongoDB is unreachable; retry later", retry) from exc
-    except (RedisError, OSError) as exc:
-        raise Unavailable(
-            "Redis is unreachable; retry later", settings.retry_after_seconds
-        ) from exc
     if isinstance(found, bytes):
         return HTTPResponse(found, content_type="application/json", headers={"X-Cache": "hit"})
     encoded = _encode(found.body(top))
@@ -363,7 +394,7 @@ class SingleFlight:
 async def _cache_get(redis: Redis, key: str) -> bytes | None:
     try:
         value = await redis.get(key)
-    except (RedisError, OSError):
+    except REDIS_ERRORS:
         return None  # the cache is an optimisation
     return value if isinstance(value, bytes) else None
 
@@ -373,19 +404,17 @@ async def _cache_set(redis: Redis, key: str, value: bytes, seconds: int) -> None
         return
     try:
         await redis.set(key, value, ex=seconds)
-    except (RedisError, OSError):
+    except REDIS_ERRORS:
         return
 
 
 async def rollup_figures(request: Request) -> dict[str, Live]:
     settings: Settings = request.app.ctx.settings
     redis = request.app.ctx.redis
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            pipe.get(keys.rollup_progress(settings))
-            now_reply, minute = await pipe.execute()
-    except (RedisError, OSError):
+    try:  # not pipelined: a cluster pipeline refuses TIME
+        now_reply = await redis.time()
+        minute = await redis.get(keys.rollup_progress(settings))
+    except REDIS_ERRORS:
         return {}
     if minute is None:
         return {}

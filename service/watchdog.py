@@ -8,7 +8,10 @@ process found dead, logs it and counts it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 from typing import Any
 
@@ -33,6 +36,21 @@ class Watchdog(threading.Thread):
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def stop_on_signals(self, deadline_seconds: float) -> None:
+        """On SIGTERM/SIGINT: stop watching, then let Sanic's own handler shut down."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            sanic_handler = signal.getsignal(sig)
+
+            def handler(signum: int, frame: Any, then: Any = sanic_handler) -> None:
+                self.stop()
+                timer = threading.Timer(deadline_seconds, _exit_if_stuck, (self._manager,))
+                timer.daemon = True
+                timer.start()
+                if callable(then):
+                    then(signum, frame)
+
+            signal.signal(sig, handler)
 
     def run(self) -> None:
         from sanic.worker.constants import ProcessState
@@ -60,6 +78,20 @@ class Watchdog(threading.Thread):
                 )
                 metrics.mark_process_dead(process.pid)
                 self._manager.monitor_publisher.send(process.name)
+
+
+def _exit_if_stuck(manager: Any) -> None:
+    """Sanic 25.12's main process can hang for good when SIGTERM arrives while it waits
+    for its workers to start (``wait_for_ack`` blocks on its pipe). After the grace,
+    finish what it would have: stop what is left, then exit."""
+    alive = [p for p in manager.processes if p.is_alive()]
+    for process in alive:
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGKILL)
+    log.error("the main process was still running after the shutdown grace; %d processes "
+              "killed, exiting", len(alive))  # fmt: skip
+    logging.shutdown()
+    os._exit(1 if alive else 0)
 
 
 def role_of(process_name: str) -> str:

@@ -59,9 +59,12 @@ class Backends:
     mongo_url: str
     db_name: str
     stream: str
+    partitions_count: int = 1
+    cluster: bool = False
 
     def __post_init__(self) -> None:
-        self.redis = redis.Redis.from_url(self.redis_url)
+        self.redis: Any = (redis.RedisCluster.from_url(self.redis_url) if self.cluster
+                           else redis.Redis.from_url(self.redis_url))  # fmt: skip
         self.mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
             self.mongo_url, tz_aware=True, serverSelectionTimeoutMS=5000
         )
@@ -71,6 +74,7 @@ class Backends:
                 "MONGO_URL": self.mongo_url,
                 "MONGO_DB": self.db_name,
                 "STREAM_KEY": self.stream,
+                "STREAM_PARTITIONS": str(self.partitions_count),
             }
         )
         self.partitions = keys.partitions(self.settings)

@@ -144,3 +144,21 @@ def stack_settings() -> Settings:
     from core.settings import load_settings
 
     return load_settings({})
+
+
+async def test_a_backlog_of_big_batches_is_flushed_a_batch_size_at_a_time(app: AppFactory) -> None:
+    """100 entries of 1,000 events must not become one insert of 100,000 documents."""
+    running = await app(flush_batch_size=500)
+    account = unique("big")
+    for start in range(0, 20_000, 1000):
+        assert (await running.post(batch(account, range(start, start + 1000)))).status_code == 202
+    flusher = Flusher(running.settings)
+    consumer = flusher.consumers[0]
+    await consumer.ensure_group()
+    sizes = []
+    for _ in range(3):
+        entries = await flusher._collect(consumer)
+        sizes.append(sum(e.count for e in entries))
+        await flusher.flush(consumer, entries)
+    await flusher.close()
+    assert sizes == [1000, 1000, 1000]  # one entry each: the first tells their size

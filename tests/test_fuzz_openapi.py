@@ -30,6 +30,8 @@ OPERATIONS = [
     ("/summary/{account_id}", "GET", GenerationMode.NEGATIVE),
     ("/summary", "GET", GenerationMode.POSITIVE),
     ("/summary", "GET", GenerationMode.NEGATIVE),
+    ("/timeseries/{account_id}", "GET", GenerationMode.POSITIVE),
+    ("/timeseries/{account_id}", "GET", GenerationMode.NEGATIVE),
     ("/health", "GET", GenerationMode.POSITIVE),
     ("/ready", "GET", GenerationMode.POSITIVE),
 ]

@@ -124,9 +124,12 @@ def test_host_port_and_workers_come_from_the_settings(stack: Stack, tmp_path: Pa
     port = free_port()
     env = service_env(stack.redis_url, stack.mongo_url, tmp_path, port=port, workers=2,
                       host="127.0.0.1")  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.serve"], cwd=ROOT,
-                            env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    log = (tmp_path / "serve.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.serve"], cwd=ROOT, env={**os.environ, **env},
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    log.close()
     try:
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, 60,
                  what="the service on PORT")  # fmt: skip
@@ -140,4 +143,27 @@ def test_host_port_and_workers_come_from_the_settings(stack: Stack, tmp_path: Pa
         wait_for(lambda: http_workers() == 2, 30, what="WORKERS=2 HTTP workers")
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError((tmp_path / "serve.log").read_text()[-4000:]) from None
+        assert code == 0
+
+
+def test_roles_split_ingest_and_background_work_across_hosts(
+    start_service: ServiceFactory,
+) -> None:
+    """An HTTP-only host accepts; a flusher + rollups host (no API) stores and rolls up."""
+    front, backends = start_service(roles="http")
+    back, _ = start_service(roles="flusher,rollups", mongo_db=backends.db_name,
+                            stream_key=backends.stream)  # fmt: skip
+    assert front.pids_titled("flusher") == [] and front.pids_titled("rollups") == []
+    wait_for(lambda: len(back.pids_titled("flusher")) == 1 and len(back.pids_titled("rollups"))
+             == 1, 20, what="the back host's processes")  # fmt: skip
+    assert httpx.post(f"{back.url}/events", json=[]).status_code == 404  # no API there
+    assert httpx.get(f"{back.url}/health").status_code == 200
+    account = unique("roles")
+    assert front.post([make_event(account, i) for i in range(20)]).status_code == 202
+    wait_for(drained(backends, account, 20), what="stored by the other host's flusher")
+    assert httpx.get(f"{front.url}/summary/{account}").json()["total"] == 20

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
-from datetime import timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -23,9 +25,24 @@ from core.buckets import (
     top_users,
     window_start,
 )
-from core.events import EventSchema, Limits, NotJSON, now_utc, validate_batch
+from core.events import (
+    TYPE_PATTERN,
+    Event,
+    EventSchema,
+    Limits,
+    NotJSON,
+    clock_shift,
+    decode_events,
+    encode_events,
+    now_utc,
+    to_document,
+    unwrap_envelope,
+    validate_batch,
+)
 from core.settings import SettingsError, load_settings
 from core.tail import TailEvents, encode, parse_entries, parse_id
+from service.errors import BadRequest, BodyTooLarge
+from service.sdks import FALLBACK_TYPE, gunzip, type_from_name
 from service.summary import Figures, SingleFlight, combine
 
 LIMITS = Limits(1000, timedelta(minutes=5), timedelta(days=7), 8192, 8)
@@ -60,6 +77,8 @@ def test_environment_overrides_are_typed() -> None:
         ({"MINUTE_RETENTION_HOURS": "12"}, "MINUTE_RETENTION_HOURS must be at least 25"),
         ({"HOUR_RETENTION_DAYS": "7"}, "HOUR_RETENTION_DAYS must be at least 31"),
         ({"PORT": "70000"}, "PORT must be at most 65535"),
+        ({"CLOCK_SKEW_THRESHOLD_SECONDS": "-1"}, "CLOCK_SKEW_THRESHOLD_SECONDS must be"),
+        ({"CLOCK_SKEW_THRESHOLD_SECONDS": "nan"}, "CLOCK_SKEW_THRESHOLD_SECONDS must be"),
     ],
 )
 def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
@@ -232,3 +251,117 @@ def test_tail_entries_round_trip() -> None:
     assert entry.events == events and entry.newest == 2
     assert parse_id("5-0") < parse_id("5-1") < parse_id("6-0")
     assert len(WINDOWS) == 6
+
+
+def test_clock_skew_threshold_setting() -> None:
+    assert load_settings({}).clock_skew_threshold_seconds == 60
+    assert load_settings({"CLOCK_SKEW_THRESHOLD_SECONDS": "0"}).clock_skew_threshold_seconds == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("Order Completed", "order_completed"),
+        ("$pageview", "pageview"),
+        ("$set", "set"),
+        ("page_view", "page_view"),
+        ("Signed Up!!", "signed_up"),
+        ("  Checkout -- Step 2 ", "checkout_--_step_2"),
+        ("api:v2.call", "api:v2.call"),
+        ("Café Visité", "cafe_visite"),
+        ("ＦＵＬＬ width", "full_width"),
+        ("日本語", FALLBACK_TYPE),
+        ("$$$", FALLBACK_TYPE),
+        ("", FALLBACK_TYPE),
+        ("A" * 100, "a" * 64),
+        ("a" * 63 + " b", "a" * 63),  # no "_" left dangling by the cut
+    ],
+)
+def test_event_names_map_to_types_by_one_rule(name: str, kind: str) -> None:
+    assert type_from_name(name) == kind
+
+
+@settings(max_examples=500, deadline=None)
+@given(name=st.text(max_size=100))
+def test_every_event_name_maps_to_a_valid_type_and_the_rule_is_idempotent(name: str) -> None:
+    kind = type_from_name(name)
+    assert re.match(TYPE_PATTERN, kind) and 1 <= len(kind) <= 64
+    assert type_from_name(kind) == kind
+
+
+def test_gunzip_bounds_the_output_and_reads_every_member() -> None:
+    assert gunzip(gzip.compress(b"x" * 100), 100) == b"x" * 100
+    with pytest.raises(BodyTooLarge):
+        gunzip(gzip.compress(b"x" * 101), 100)
+    with pytest.raises(BodyTooLarge):  # a bomb stops at the limit, not at its end
+        gunzip(gzip.compress(b"\0" * (256 << 20)), 1 << 20)
+    assert gunzip(gzip.compress(b"ab") + gzip.compress(b"cd") + b"\0\0", 100) == b"abcd"
+    with pytest.raises(BodyTooLarge):  # the limit covers all members together
+        gunzip(gzip.compress(b"x" * 60) + gzip.compress(b"x" * 60), 100)
+    for bad in (b"", b"plain", gzip.compress(b"abc")[:-3], gzip.compress(b"a") + b"junk"):
+        with pytest.raises(BadRequest):
+            gunzip(bad, 100)
+
+
+def test_clock_shift_only_beyond_the_threshold() -> None:
+    now = now_utc()
+    minute = timedelta(seconds=60)
+    assert clock_shift(now - timedelta(seconds=59), now, minute) is None  # transit, not skew
+    assert clock_shift(now + timedelta(seconds=60), now, minute) is None
+    assert clock_shift(now - timedelta(hours=3), now, minute) == timedelta(hours=3)
+    assert clock_shift(now + timedelta(seconds=61), now, minute) == timedelta(seconds=-61)
+    assert clock_shift(now - timedelta(seconds=1), now, timedelta(0)) == timedelta(seconds=1)
+
+
+def events_body(*stamps: datetime, **extra: object) -> bytes:
+    return json.dumps([{"event_id": f"e{i}", "account_id": "a", "user_id": "u", "type": "t",
+                        "timestamp": ts.isoformat(), **extra}
+                       for i, ts in enumerate(stamps)]).encode()  # fmt: skip
+
+
+def test_a_shift_moves_every_timestamp_alike_and_keeps_the_original() -> None:
+    now = now_utc()
+    device = [now + timedelta(hours=2, seconds=s) for s in (-30, -20, -20, -1)]
+    events, problems = validate_batch(events_body(*device), LIMITS, now, timedelta(hours=-2))
+    assert problems == []
+    assert [e.timestamp for e in events] == [d - timedelta(hours=2) for d in device]
+    assert [e.original_timestamp for e in events] == device
+    # what the flusher gets back: the corrected batch
+    [first, *_] = decode_events(encode_events(events))
+    assert first.timestamp == device[0] - timedelta(hours=2)
+    doc = to_document(first, "0-1", now)
+    assert doc["original_timestamp"] == device[0].astimezone(UTC)
+    assert "original_timestamp" not in to_document(Event("e", "a", "u", "t", now), "0-1", now)
+
+
+def test_bounds_are_checked_after_the_shift() -> None:
+    now = now_utc()
+    ahead = events_body(now + timedelta(hours=1))
+    assert validate_batch(ahead, LIMITS, now)[1]  # an hour in the future as sent
+    assert validate_batch(ahead, LIMITS, now, timedelta(hours=-1))[1] == []
+    fine = events_body(now - timedelta(hours=1))
+    _, problems = validate_batch(fine, LIMITS, now, timedelta(hours=2))
+    assert [(p.index, p.field) for p in problems] == [(0, "timestamp")]
+    assert "after correcting the client clock by 7200 s" in problems[0].message
+    given = datetime(2020, 1, 1, tzinfo=UTC)
+    body = events_body(now, original_timestamp=given.isoformat())
+    [event], _ = validate_batch(body, LIMITS, now, timedelta(minutes=-2))
+    assert event.original_timestamp == given  # given by the client: kept as it is
+    huge = events_body(datetime(9999, 12, 31, 23, 0, tzinfo=UTC))
+    assert validate_batch(huge, LIMITS, now, timedelta(days=1))[1][0].field == "timestamp"
+
+
+def test_events_envelope_is_unwrapped_and_a_plain_array_untouched() -> None:
+    plain = events_body(now_utc())
+    body, sent_at, problems = unwrap_envelope(plain)
+    assert body is plain and sent_at is None and problems == []
+    wrapped = b' \n{"sent_at": "2026-01-01T10:00:00+02:00", "events": ' + plain + b"}"
+    body, sent_at, problems = unwrap_envelope(wrapped)
+    assert json.loads(body) == json.loads(plain) and problems == []
+    assert sent_at == datetime(2026, 1, 1, 8, tzinfo=UTC)
+    for bad, field in ((b'{"events": [], "x": 1}', "x"), (b'{"sent_at": 1, "events": []}',
+                       "sent_at"), (b"{}", "events")):  # fmt: skip
+        _, _, problems = unwrap_envelope(bad)
+        assert [p.field for p in problems] == [field]
+    with pytest.raises(NotJSON):
+        unwrap_envelope(b'{"events": [')

@@ -76,6 +76,8 @@ BAD_EVENTS: list[tuple[str, Any, str | None]] = [
     ("metadata dotted key", lambda a: good(a, metadata={"a.b": 1}), "metadata"),
     ("metadata array in array", lambda a: good(a, metadata={"m": [[1, 2]]}), "metadata"),
     ("metadata huge int", lambda a: good(a, metadata={"n": 2**64}), "metadata"),
+    ("metadata NUL in a value", lambda a: good(a, metadata={"s": "a\x00b"}), "metadata"),
+    ("metadata NUL deep", lambda a: good(a, metadata={"l": [{"s": "\x00"}]}), "metadata"),
 ]  # fmt: skip
 
 

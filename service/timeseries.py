@@ -1,0 +1,204 @@
+"""GET /timeseries/{account_id}: events per step over a window, exact like /summary.
+
+A series for window ``w`` and step ``s`` asked at ``to`` (the Redis server's
+clock) during minute ``M`` covers the summary's ``[from, to)``, ``from =
+window_start(w, M)``, cut into steps of ``s`` starting at ``from``; the last
+step ends at ``to``. It reads what a summary reads, in the same order and by
+the same rules (``service/summary.py``):
+
+1. the account's tail in every partition, with the clock (``to``);
+2. the account's head and its bucket index, then the hour buckets of the
+   window the index names: each holds its hour's per-minute totals and types
+   (``series``), so a step of any length adds up whole minutes;
+3. the tail events the head does not hold (``held_before``).
+
+A document gone, or a head already past ``M``, means a rollover got in: the
+read starts over. So every point is exact for the events stored before ``to``,
+and the points add up to the summary's figures for the same window and moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from sanic import HTTPResponse, Request
+
+from core.buckets import DAY, HOUR, MINUTE, WINDOWS, floor, window_start
+from core.rollup_docs import Head, Series, load_index, read_account_series, read_head, read_series
+from core.settings import Settings
+from core.store import Database
+from service.auth import authenticate, authorize
+from service.errors import BadRequest, client_input
+from service.responses import json_response
+from service.summary import (
+    Raced,
+    Snapshot,
+    check_account,
+    check_window,
+    consistently,
+    held_before,
+    iso,
+    read_tail,
+    stores_unavailable,
+)
+
+STEPS: dict[str, int] = {
+    "1m": MINUTE,
+    "5m": 5 * MINUTE,
+    "15m": 15 * MINUTE,
+    "1h": HOUR,
+    "6h": 6 * HOUR,
+    "1d": DAY,
+}
+# about a hundred points: a chart's worth on any screen
+DEFAULT_STEPS: dict[str, str] = {
+    "15m": "1m",
+    "1h": "1m",
+    "6h": "5m",
+    "24h": "15m",
+    "7d": "1h",
+    "30d": "6h",
+}
+MAX_POINTS = 1440  # window / step
+# Up to this many hour buckets are read by id, one small read each (a 24h
+# series needs 25); a longer window reads every hour bucket of the account in
+# one query on its account_id index instead of hundreds of reads.
+READ_BY_ID = 48
+
+
+@dataclass
+class Point:
+    total: int = 0
+    types: dict[str, int] = field(default_factory=dict)
+
+    def add(self, total: int, types: dict[str, int]) -> None:
+        self.total += total
+        for event_type, n in types.items():
+            self.types[event_type] = self.types.get(event_type, 0) + n
+
+
+@dataclass
+class Timeline:
+    """A window's events per step; point ``i`` covers ``[start + i*step, +step)`` up to ``to``."""
+
+    account_id: str
+    window: str
+    step: str
+    start: int
+    to: int
+    points: list[Point]
+
+    @classmethod
+    def empty(cls, account_id: str, window: str, step: str, start: int, to: int) -> Timeline:
+        count = -(-(to - start) // STEPS[step])  # the last step may be cut short at `to`
+        return cls(account_id, window, step, start, to, [Point() for _ in range(count)])
+
+    def add(self, ts: int, total: int, types: dict[str, int]) -> None:
+        self.points[(ts - self.start) // STEPS[self.step]].add(total, types)
+
+    def body(self) -> dict[str, Any]:
+        step = STEPS[self.step]
+        overall = Point()
+        for point in self.points:
+            overall.add(point.total, point.types)
+        return {
+            "account_id": self.account_id,
+            "window": self.window,
+            "step": self.step,
+            "from": iso(self.start),
+            "to": iso(self.to),
+            "total": overall.total,
+            "totals": _nonzero(overall.types),
+            "points": [
+                {"start": iso(self.start + i * step), "total": p.total, "totals": _nonzero(p.types)}
+                for i, p in enumerate(self.points)
+            ],
+            "as_of": iso(self.to),
+        }
+
+
+def _nonzero(types: dict[str, int]) -> dict[str, int]:
+    return {t: n for t, n in sorted(types.items()) if n}
+
+
+async def _hour_series(db: Database, head: Head, start: int) -> list[Series]:
+    """The series of the head's hour buckets that reach into ``[start, …)``."""
+    doc_ids = [
+        doc_id
+        for hour in sorted(head.hours)
+        if hour + HOUR > start and (doc_id := head.bucket_doc_id("hour", hour)) is not None
+    ]
+    if len(doc_ids) <= READ_BY_ID:
+        found = await asyncio.gather(*(read_series(db, doc_id) for doc_id in doc_ids))
+        named = dict(zip(doc_ids, found, strict=True))
+    else:
+        stored = await read_account_series(db, head.account_id)
+        named = {doc_id: stored.get(doc_id) for doc_id in doc_ids}
+    missing = [doc_id for doc_id, series in named.items() if series is None]
+    if missing:
+        raise Raced(missing[0])  # superseded and deleted since the head was read
+    return [series for series in named.values() if series is not None]
+
+
+async def timeline_at(
+    db: Database, snapshot: Snapshot, account: str, window: str, step: str
+) -> Timeline:
+    """The series for the window ending at the snapshot; raises Raced if a rollover got in."""
+    minute = floor(snapshot.to, "minute")
+    start = window_start(window, minute)
+    timeline = Timeline.empty(account, window, step, start, snapshot.to)
+    head = await read_head(db, account)
+    if head is not None:
+        if head.minute is not None and head.minute > minute:
+            raise Raced("the head was rolled past this read's minute")
+        if not await load_index(db, head):
+            raise Raced("the head's bucket index was superseded")
+        for series in await _hour_series(db, head, start):
+            for m, (total, types) in series.minutes.items():
+                if m >= start:  # buckets hold only minutes before the head's, so before `to`
+                    timeline.add(m, total, types)
+    for entry in snapshot.entries:
+        held = held_before(entry, head)
+        events = entry.events
+        for ts, event_type in zip(events.ts, events.types, strict=True):
+            if start <= ts < snapshot.to and ts >= held:
+                timeline.add(ts, 1, {event_type: 1})
+    return timeline
+
+
+def parse_request(request: Request, account_id: str) -> tuple[str, str, str]:
+    with client_input("the query string"):
+        args = request.get_args(keep_blank_values=True)  # "step=" is a mistake
+        window = args.get("window", "24h")
+        step = args.get("step")
+    account, window = check_account(account_id), check_window(window)
+    if step is None:
+        step = DEFAULT_STEPS[window]
+    if step not in STEPS:
+        raise BadRequest(f"step must be one of {', '.join(STEPS)}", field="step")
+    length, step_ms = WINDOWS[window], STEPS[step]
+    if length % step_ms:
+        raise BadRequest(f"step {step} does not divide window {window}", field="step")
+    if length // step_ms > MAX_POINTS:
+        raise BadRequest(
+            f"window {window} in steps of {step} is over {MAX_POINTS} points; use a longer step",
+            field="step",
+        )
+    return account, window, step
+
+
+async def get_timeseries(request: Request, account_id: str) -> HTTPResponse:
+    settings: Settings = request.app.ctx.settings
+    account, window, step = parse_request(request, account_id)
+    authorize(settings, authenticate(request, settings), [account], "read")
+    db, redis = request.app.ctx.db, request.app.ctx.redis
+
+    async def read() -> Timeline:
+        snapshot = await read_tail(redis, settings, account, window)
+        return await timeline_at(db, snapshot, account, window, step)
+
+    with stores_unavailable(settings):
+        timeline, _ = await consistently(read)
+    return json_response(timeline.body())
