@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -217,10 +217,3 @@ class UserIndex:
         if i < len(self.names) and self.names[i] == user_id:
             return self.counts[i]
         return 0
-
-
-def counts_of(events: Iterable[tuple[str, str]]) -> Counts:
-    counts = Counts()
-    for event_type, user_id in events:
-        counts.add_event(event_type, user_id)
-    return counts

@@ -24,6 +24,7 @@ import msgspec
 # "$(?!\n)": a bare "$" also matches before a trailing newline in Python's re;
 # the look-ahead closes that hole and still means the same in ECMA regexes.
 ID_PATTERN = r"^[A-Za-z0-9_.:-]+$(?!\n)"
+_ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$(?!\n)")
 TYPE_PATTERN = r"^[a-z0-9_.:-]+$(?!\n)"
 # printable: no C0/C1 control characters and no DEL
 USER_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]+$(?!\n)"
@@ -114,6 +115,11 @@ _envelope_decoder = msgspec.json.Decoder(EventsEnvelope)
 _encoder = msgspec.json.Encoder()
 _JSON_SPACE = b" \t\r\n"
 _PATH = re.compile(r"at `\$(?:\[(\d+)\])?\.?([A-Za-z0-9_]+)?")
+
+
+def is_account_id(text: str) -> bool:
+    """The account id rule: 1..64 characters of A-Z a-z 0-9 _ . : -"""
+    return _ACCOUNT_ID.match(text) is not None
 
 
 def decode_events(body: bytes) -> list[Event]:

@@ -1,9 +1,8 @@
 """The rollup documents: per-account heads, window aggregates and buckets.
 
-Per account there is one **head** (``rollup_heads``, ``_id`` = account): the
-minute ``S`` its aggregates end at, which tail entries they include (the last
-applied id per stream partition), and the ids of the documents that hold its
-figures:
+Per account there is one current **head** (``rollup_heads``): the minute ``S``
+its aggregates end at, which tail entries they include (the last applied id per
+stream partition), and the ids of the documents that hold its figures:
 
 - one **window aggregate** per window (``rollup_windows``): the exact counts of
   ``[window_start(w, S), S)``, so a summary reads one of them, not hundreds of
@@ -12,14 +11,16 @@ figures:
   ``rollup_hours``), which the rollup job subtracts as windows move on, and
   which time series read.
 
-The head is the only document ever rewritten, by compare-and-set on its
-``version``; everything it names is immutable (a changed bucket or aggregate
-is a new document with a new id, tagged by the rollover that wrote it, so
-two jobs racing never write the same id). A reader that takes the head and then the
-documents it names therefore sees one consistent state, whatever a rollup job
-is doing meanwhile, and a job that lost a race (or crashed half-way) leaves
-nothing a reader can see. Superseded documents are deleted one rollover later,
-so a reader holding the previous head still finds them.
+Nothing is ever updated in place: FerretDB has no atomic update of a document
+(two concurrent updates of one document can lose one), and insert-only makes
+readers safe anyway. A rollover inserts new documents under ids tagged by the
+rollover (two racing jobs never write the same id), then inserts the head
+``account|version+1``: only one of two racing rollovers can (the unique
+``_id``), which is the compare-and-set. Readers take the highest version, then
+the documents it names: one consistent state, whatever a rollup job is doing
+meanwhile; a job that lost the race (or crashed half-way) leaves nothing a
+reader can see. Superseded documents are deleted one rollover later, so a
+reader holding the previous head still finds them.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Head:
 
     def to_document(self) -> Document:
         return {
-            "_id": self.account_id,
+            "_id": head_id(self.account_id, self.version),
             "account_id": self.account_id,
             "version": self.version,
             "minute": self.minute,
@@ -127,8 +128,13 @@ def _retired(item: str) -> tuple[Kind, str]:
     return kind, doc_id
 
 
+def head_id(account_id: str, version: int) -> str:
+    return f"{account_id}|{version}"
+
+
 async def read_head(db: Database, account_id: str, with_index: bool = False) -> Head | None:
-    doc = await db[keys.HEADS].find_one({"_id": account_id})
+    """The account's newest head (the previous one lingers until its successor deletes it)."""
+    doc = await db[keys.HEADS].find_one({"account_id": account_id}, sort=[("version", -1)])
     if doc is None:
         return None
     head = Head.from_document(doc)

@@ -58,14 +58,19 @@ class Retention:
                 count += await self._delete(track, done)
                 done += step
                 steps += 1
-            await self.db[keys.STATE].update_one({"_id": STATE_ID}, {"$set": {track.name: done}},
-                                                 upsert=True)  # fmt: skip
+            await self._save(track.name, done)
             if count:
                 metrics.RETENTION_DELETED.labels(track.name).inc(count)
                 log.info("retention: deleted %d %s before %s", count, track.name,
                          to_datetime(done).isoformat())  # fmt: skip
             deleted[track.name] = count
         return deleted
+
+    async def _save(self, name: str, done: int) -> None:
+        state = self.db[keys.STATE]
+        await store.retry_duplicate_key(
+            lambda: state.update_one({"_id": STATE_ID}, {"$set": {name: done}}, upsert=True)
+        )
 
     async def _delete(self, track: Track, start: int) -> int:
         when = to_datetime(start)

@@ -53,6 +53,7 @@ from core.rollup_docs import (
     Series,
     bucket_id,
     document,
+    head_id,
     index_id,
     read_head,
     read_packed,
@@ -340,19 +341,13 @@ class Roller:
             if written:
                 await self.db[COLLECTIONS[kind]].insert_many(written, ordered=False)
         heads = self.db[keys.HEADS]
-        try:  # our ids are ours alone (tagged): an insert cannot collide with a rival's
-            if old.version == 0:
-                await heads.insert_one(new.to_document())
-                return
-            result = await heads.replace_one(
-                {"_id": new.account_id, "version": old.version}, new.to_document()
-            )
-            if result.matched_count == 1:
-                return
+        try:  # the unique _id lets one rollover per version through: the compare-and-set
+            await heads.insert_one(new.to_document())
         except DuplicateKeyError:
-            pass
-        await self._discard(docs)
-        raise HeadConflict(new.account_id)
+            await self._discard(docs)
+            raise HeadConflict(new.account_id) from None
+        if old.version:
+            await heads.delete_one({"_id": head_id(old.account_id, old.version)})
 
     async def _discard(self, docs: dict[Kind, list[Document]]) -> None:
         for kind, written in docs.items():

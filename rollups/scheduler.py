@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from pymongo import ASCENDING
+from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import PyMongoError
 
 from core import keys, metrics, store
@@ -46,6 +46,7 @@ async def ensure_rollup_indexes(db: Database) -> None:
     for name in (keys.MINUTES, keys.HOURS):
         await db[name].create_index([("start", ASCENDING)])  # retention
     await db[keys.HOURS].create_index([("account_id", ASCENDING)])  # time series
+    await db[keys.HEADS].create_index([("account_id", ASCENDING), ("version", DESCENDING)])
 
 
 class RollupsProcess(Worker):

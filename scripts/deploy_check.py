@@ -29,9 +29,7 @@ import ast
 import dataclasses
 import functools
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -46,7 +44,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from core.settings import Settings, SettingsError, load_settings
-from scripts.stack import ROOT, StackError
+from scripts.stack import ROOT, StackError, go_build
 
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -63,27 +61,13 @@ Report = dict[str, Any]
 
 def ensure_checker() -> Path:
     """``.cache/bin/deploycheck``, built with Go when missing or older than its sources."""
-    sources = [*CHECKER_SRC.glob("*.go"), CHECKER_SRC / "go.mod", CHECKER_SRC / "go.sum"]
-    newest = max(p.stat().st_mtime for p in sources)
-    if CHECKER_BIN.exists() and CHECKER_BIN.stat().st_mtime >= newest:
-        return CHECKER_BIN
-    go = shutil.which("go")
-    if not go:
-        raise StackError(
-            "Go is needed to build scripts/deploycheck (BuildKit's Dockerfile parser and "
-            "compose-go), as for the FerretDB launcher: install Go (https://go.dev/dl/)"
-        )
-    print("[deploy-check] building scripts/deploycheck with Go (once, ~1 min)", file=sys.stderr)
-    CHECKER_BIN.parent.mkdir(parents=True, exist_ok=True)
-    tmp = CHECKER_BIN.with_suffix(".tmp")
-    subprocess.run(
-        [go, "build", "-mod=readonly", "-trimpath", "-o", str(tmp), "."],
-        cwd=CHECKER_SRC,
-        check=True,
-        env={**os.environ, "CGO_ENABLED": "0"},
+    return go_build(
+        CHECKER_SRC,
+        CHECKER_BIN,
+        "scripts/deploycheck (BuildKit's Dockerfile parser and compose-go)",
+        "Go is needed to build scripts/deploycheck (BuildKit's Dockerfile parser and "
+        "compose-go), as for the FerretDB launcher: install Go (https://go.dev/dl/)",
     )
-    tmp.replace(CHECKER_BIN)
-    return CHECKER_BIN
 
 
 def _run_checker(*args: str) -> Report:

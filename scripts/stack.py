@@ -108,25 +108,31 @@ def ensure_wrk() -> str:
     return ensure_debian_package("wrk", "wrk", "")
 
 
-def ensure_ferretdb() -> Path:
-    sources = [*FERRETDB_SRC.glob("*.go"), FERRETDB_SRC / "go.mod", FERRETDB_SRC / "go.sum"]
+def go_build(source: Path, binary: Path, what: str, missing_go: str) -> Path:
+    """``binary`` built from the Go module in ``source`` when missing or older than it."""
+    sources = [*source.glob("*.go"), source / "go.mod", source / "go.sum"]
     newest = max(p.stat().st_mtime for p in sources)
-    if FERRETDB_BIN.exists() and FERRETDB_BIN.stat().st_mtime >= newest:
-        return FERRETDB_BIN
+    if binary.exists() and binary.stat().st_mtime >= newest:
+        return binary
     go = shutil.which("go")
     if not go:
-        raise StackError("Go is needed to build FerretDB (scripts/ferretdb), or set MONGO_URL")
-    log("building FerretDB v1.24 launcher with Go (once per machine, ~1-2 min)")
-    FERRETDB_BIN.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FERRETDB_BIN.with_suffix(".tmp")
+        raise StackError(missing_go)
+    log(f"building {what} with Go (once per machine, ~1-2 min)")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_suffix(".tmp")
     subprocess.run(
         [go, "build", "-trimpath", "-o", str(tmp), "."],
-        cwd=FERRETDB_SRC,
+        cwd=source,
         check=True,
         env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"},
     )
-    tmp.replace(FERRETDB_BIN)
-    return FERRETDB_BIN
+    tmp.replace(binary)
+    return binary
+
+
+def ensure_ferretdb() -> Path:
+    missing_go = "Go is needed to build FerretDB (scripts/ferretdb), or set MONGO_URL"
+    return go_build(FERRETDB_SRC, FERRETDB_BIN, "the FerretDB v1.24 launcher", missing_go)
 
 
 def _wait_for_port(

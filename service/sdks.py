@@ -38,7 +38,7 @@ import msgspec
 from sanic import HTTPResponse, Request, Sanic
 from sanic_ext import openapi
 
-from core.events import ID_PATTERN, MAX_PROBLEMS, Problem, Timestamp, now_utc
+from core.events import MAX_PROBLEMS, Problem, Timestamp, is_account_id, now_utc
 from core.settings import Settings
 from service.errors import (
     ApiError,
@@ -59,7 +59,6 @@ from service.responses import json_response
 # becomes "_", leading/trailing "_" go, at most 64 characters, empty -> "custom".
 FALLBACK_TYPE = "custom"
 _NOT_TYPE = re.compile(r"[^a-z0-9_.:-]+")
-_ACCOUNT = re.compile(ID_PATTERN)
 
 # Segment message types and the fixed stored type of each but track (whose
 # type comes from its event name)
@@ -159,7 +158,7 @@ def account_of(settings: Settings, write_key: object, missing: str) -> tuple[str
                 "a write key must be an API key for exactly one account (API_KEYS key=account)"
             )
         return write_key, next(iter(accounts))
-    if not _ACCOUNT.match(write_key) or len(write_key) > 64:
+    if not is_account_id(write_key):
         raise Unauthorized(
             "the write key names the account: it must be 1..64 characters of A-Z a-z 0-9 _ . : -"
         )

@@ -24,7 +24,6 @@ events the account has.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ from core.buckets import (
     window_start,
 )
 from core.connections import REDIS_ERRORS, Redis
+from core.events import is_account_id
 from core.metrics import Live
 from core.rollup_docs import Head, load_index, read_head, read_packed
 from core.settings import Settings
@@ -57,7 +57,6 @@ from service.errors import BadRequest, Unavailable, client_input
 
 T = TypeVar("T")
 
-ACCOUNT = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$(?!\n)")
 MAX_TOP = 100
 ATTEMPTS = 20  # a read that raced a rollover is simply redone
 NONE_HELD = -(2**63)  # below every timestamp
@@ -306,7 +305,7 @@ def stores_unavailable(settings: Settings) -> Iterator[None]:
 
 
 def check_account(account: str | None) -> str:
-    if not account or not ACCOUNT.match(account):
+    if not account or not is_account_id(account):
         raise BadRequest("account_id must be 1..64 characters of A-Z a-z 0-9 _ . : -",
                          field="account_id")  # fmt: skip
     return account

@@ -8,6 +8,7 @@ runs only where the server has them (``MONGO_URL`` pointing at a MongoDB).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -83,3 +84,21 @@ async def test_a_changed_raw_retention_updates_the_ttl_index(running: Running) -
     assert info[store.TTL_INDEX]["expireAfterSeconds"] == int(
         timedelta(days=longer.raw_retention_days).total_seconds()
     )
+
+
+async def test_racing_upserts_of_a_missing_document_all_succeed(running: Running) -> None:
+    """Concurrent upserts of one missing _id: FerretDB can answer E11000 to the losers
+    (MongoDB retries those itself); store.retry_duplicate_key makes every one succeed.
+    (FerretDB can also lose one of two concurrent updates of a document: the service
+    never updates a document concurrently; rollup heads are insert-only versions.)"""
+    db = running.db
+    for round_ in range(5):
+        doc_id = f"race-{round_}"
+
+        async def upsert(n: int, key: str = doc_id) -> Any:
+            return await store.retry_duplicate_key(
+                lambda: db[keys.STATE].update_one({"_id": key}, {"$max": {"n": n}}, upsert=True)
+            )
+
+        await asyncio.gather(*(upsert(n) for n in range(20)))
+        assert await db[keys.STATE].count_documents({"_id": doc_id}) == 1
