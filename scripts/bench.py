@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -397,18 +397,21 @@ async def naive_seconds(settings: Settings, account: str, window_ms: int) -> flo
     return elapsed
 
 
-def latencies(url: str, account: str, window: str, runs: int) -> list[float]:
+def latencies(url: str, account: str, windows: Sequence[str], runs: int) -> dict[str, list[float]]:
+    """``runs`` uncached summaries per window, the windows taken in turn so that whatever
+    else the machine does (a rollover at a minute boundary, autovacuum) falls on each."""
     import httpx
 
-    out = []
+    out: dict[str, list[float]] = {window: [] for window in windows}
     with httpx.Client(base_url=url, timeout=60) as client:
-        client.get(f"/summary/{account}", params={"window": window})  # connect, warm
+        client.get(f"/summary/{account}")  # connect, warm
         for _ in range(runs):
-            started = time.perf_counter()
-            response = client.get(f"/summary/{account}", params={"window": window})
-            out.append(time.perf_counter() - started)
-            if response.status_code != 200 or response.headers.get("x-cache") != "miss":
-                raise RuntimeError(f"summary answered {response.status_code}: {response.text}")
+            for window in windows:
+                started = time.perf_counter()
+                response = client.get(f"/summary/{account}", params={"window": window})
+                out[window].append(time.perf_counter() - started)
+                if response.status_code != 200 or response.headers.get("x-cache") != "miss":
+                    raise RuntimeError(f"summary answered {response.status_code}: {response.text}")
     return out
 
 
@@ -419,7 +422,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def bench_summary(stack: Stack, work: Path, args: argparse.Namespace, results: Results) -> None:
     rng = random.Random(5)
-    env = service_env(stack.redis_url, stack.mongo_url, work, roles="http",
+    # the rollups process runs as in production: it rolls each account once a minute,
+    # so a summary reads the head, one aggregate and the live tail
+    env = service_env(stack.redis_url, stack.mongo_url, work, roles="http,rollups",
                       summary_cache_seconds=0, mongo_db="bench_summary",
                       stream_key="bench:summary")  # fmt: skip
     settings = load_settings(env)
@@ -433,8 +438,8 @@ def bench_summary(stack: Stack, work: Path, args: argparse.Namespace, results: R
     try:
         service.start(work)
         for size in sizes:
-            for window in SUMMARY_WINDOWS:
-                runs = latencies(service.url, f"acc_{size}", window, args.summary_repeat)
+            measured = latencies(service.url, f"acc_{size}", SUMMARY_WINDOWS, args.summary_repeat)
+            for window, runs in measured.items():
                 results.summary[f"{size}:{window}:p50"] = percentile(runs, 0.5)
                 results.summary[f"{size}:{window}:p99"] = percentile(runs, 0.99)
                 print(f"[bench] summary {window} at {size:,} events: p50 "
@@ -618,8 +623,10 @@ def targets(results: Results) -> list[str]:
     for factor, u in sorted(results.sustained.items(), reverse=True):
         offered = f"sustained at {factor:.0%} of the store ceiling"
         share = u["end_to_end_events_per_s"] / u["ceiling"]
-        row(f"{offered}: stored and counted end to end ≥ 70% of the ceiling", share >= 0.7,
-            f"{share:.0%}")  # fmt: skip
+        # the goal is 70% of the ceiling; offered less than that, keeping up with the offer
+        goal = min(0.7, 0.95 * factor)
+        row(f"{offered}: stored and counted end to end ≥ {goal:.0%} of the ceiling",
+            share >= goal, f"{share:.0%}")  # fmt: skip
         row(f"{offered}: the queue stays far from its bound (peak < 10%)",
             u["queue_peak"] < 0.1 * u["queue_bound"],
             f"{u['queue_peak']:,.0f} of {u['queue_bound']:,.0f}")  # fmt: skip
@@ -671,9 +678,10 @@ def summary_section(results: Results, args: argparse.Namespace) -> list[str]:
         "",
         f"One account with the given number of events over the last 24 hours and "
         f"{SUMMARY_USERS:,} users, rolled up, plus one minute of live tail; "
-        f"{args.summary_repeat} sequential requests per row (`SUMMARY_CACHE_SECONDS=0`). "
-        "A summary reads the account's head and one window aggregate (two small documents), "
-        "plus its live tail from Redis.",
+        f"{args.summary_repeat} sequential requests per row (`SUMMARY_CACHE_SECONDS=0`), "
+        "the three windows taken in turn, while the service's rollups process rolls the "
+        "account once a minute as in production. A summary reads the account's head and "
+        "one window aggregate (two small documents), plus its live tail from Redis.",
         "",
         "| events | window | p50 ms | p99 ms |",
         "|---:|---|---:|---:|",
@@ -807,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary-events", type=int, default=1_000_000)
     parser.add_argument("--summary-repeat", type=int, default=200)
     parser.add_argument("--sustain-seconds", type=int, default=300)
-    parser.add_argument("--sustain-factor", type=float, nargs="+", default=[1.0, 0.7],
+    parser.add_argument("--sustain-factor", type=float, nargs="+", default=[1.0, 0.7, 0.5],
                         help="offered loads, as shares of the raw insert ceiling")  # fmt: skip
     parser.add_argument("--sustain-rate", type=float, default=8000.0,
                         help="events/s to offer when the flusher part did not run")  # fmt: skip
