@@ -4,15 +4,25 @@ Sanic 25.12 does not restart a process that dies (a SIGKILLed HTTP worker or
 managed process stays dead while the main process runs on), so the main
 process runs this thread, which asks Sanic's worker manager to restart any
 process found dead, logs it and counts it.
+
+It also makes SIGTERM/SIGINT end the main process whenever they arrive: Sanic
+25.12's manager loops for good on a shutdown signal that arrives while it
+waits for its HTTP workers to acknowledge start-up (``wait_for_ack`` re-sends
+the shutdown message to itself), so such a signal is held until every worker
+has acknowledged, and a safety net exits after the shutdown grace whatever
+happens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
+import sys
 import threading
+import traceback
 from typing import Any
 
 from core import metrics
@@ -33,26 +43,61 @@ class Watchdog(threading.Thread):
         self._interval = interval
         self._stopping = threading.Event()
         self._requested: set[int] = set()
+        self._acked = threading.Event()
+        self._held_signal: int | None = None
+        self._hand_over = threading.Lock()
 
     def stop(self) -> None:
         self._stopping.set()
 
     def stop_on_signals(self, deadline_seconds: float) -> None:
-        """On SIGTERM/SIGINT: stop watching, then let Sanic's own handler shut down."""
+        """On SIGTERM/SIGINT: stop watching, then let Sanic's own handler shut down, once
+        its workers have acknowledged start-up; exit after ``deadline_seconds`` anyway."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             sanic_handler = signal.getsignal(sig)
 
             def handler(signum: int, frame: Any, then: Any = sanic_handler) -> None:
-                self.stop()
-                timer = threading.Timer(deadline_seconds, _exit_if_stuck, (self._manager,))
-                timer.daemon = True
-                timer.start()
+                if not self._stopping.is_set():
+                    self.stop()
+                    timer = threading.Timer(deadline_seconds, _exit_if_stuck, (self._manager,))
+                    timer.daemon = True
+                    timer.start()
+                with self._hand_over:
+                    if not self._acked.is_set():
+                        self._held_signal = signum  # delivered again by run()
+                        return
                 if callable(then):
                     then(signum, frame)
 
             signal.signal(sig, handler)
 
     def run(self) -> None:
+        self._wait_for_acks()
+        self._restart_dead_processes()
+
+    def _wait_for_acks(self) -> None:
+        """Wait until Sanic's manager is past its start-up acks, then deliver a held signal.
+
+        Its workers' shared states say "acknowledged" up to 0.1 s before the manager's
+        loop notices, and a shutdown in that gap still loops for good, so this watches
+        the main thread itself: in the manager's monitor loop, out of ``wait_for_ack``.
+        """
+        main = threading.main_thread().ident
+        while True:
+            frame = sys._current_frames().get(main or 0)
+            if frame is None:
+                return
+            names = {f.f_code.co_name for f, _ in traceback.walk_stack(frame)}
+            if "monitor" in names and "wait_for_ack" not in names:
+                break
+            threading.Event().wait(0.05)
+        with self._hand_over:
+            self._acked.set()
+            held = self._held_signal
+        if held is not None:
+            os.kill(os.getpid(), held)
+
+    def _restart_dead_processes(self) -> None:
         from sanic.worker.constants import ProcessState
 
         # restarts are counted by Sanic itself ("starts" in its shared worker
@@ -81,10 +126,12 @@ class Watchdog(threading.Thread):
 
 
 def _exit_if_stuck(manager: Any) -> None:
-    """Sanic 25.12's main process can hang for good when SIGTERM arrives while it waits
-    for its workers to start (``wait_for_ack`` blocks on its pipe). After the grace,
-    finish what it would have: stop what is left, then exit."""
+    """The safety net: if the main process is still running after the shutdown grace
+    (a shutdown Sanic never finishes), stop what is left, then exit."""
+    # the service's processes, and multiprocessing's own (the manager of Sanic's shared
+    # worker state), which os._exit would otherwise leave behind
     alive = [p for p in manager.processes if p.is_alive()]
+    alive += [p for p in multiprocessing.active_children() if p.pid not in {a.pid for a in alive}]
     for process in alive:
         with contextlib.suppress(OSError):
             os.kill(process.pid, signal.SIGKILL)

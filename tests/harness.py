@@ -7,6 +7,7 @@ titles, SIGKILL tests and CPU/memory accounting).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -79,6 +80,41 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
+# set in a started service's environment, so every process it forks or spawns
+# (orphans included) can be found again
+MARKER = "EVENTS_SERVICE_TEST_MARKER"
+
+
+def processes_marked(marker: str) -> list[int]:
+    """Live processes whose environment carries ``MARKER=marker``."""
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def assert_none_left(marker: str, what: str) -> None:
+    """Every process of ``what`` has exited (polled); any left over is killed and fails."""
+    try:
+        wait_for(lambda: not processes_marked(marker), 15, 0.1, f"every process of {what} to exit")
+    except AssertionError:
+        left = processes_marked(marker)
+        titles = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
+                  for pid in left if Path(f"/proc/{pid}/cmdline").exists()]  # fmt: skip
+        for pid in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        raise AssertionError(f"{what} left processes behind: {titles}") from None
+
+
 def service_env(redis_url: str, mongo_url: str, var_dir: Path, **overrides: Any) -> dict[str, str]:
     """Environment for one isolated service: its own database, stream and metrics dir."""
     env = {
@@ -111,6 +147,7 @@ class Service:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     app: str = "service.app:create_app"
+    marker: str = field(default_factory=lambda: unique("service"))
 
     @property
     def url(self) -> str:
@@ -122,7 +159,8 @@ class Service:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sanic", self.app, "--factory",
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)],
-            cwd=ROOT, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, env={**os.environ, **self.env, MARKER: self.marker}, stdout=out,
+            stderr=subprocess.STDOUT,
         )  # fmt: skip
         out.close()
         if wait:
@@ -155,6 +193,7 @@ class Service:
                 raise AssertionError("service did not stop on SIGTERM: " + self.log_tail()) from exc
         code = self.proc.returncode
         self.proc = None
+        assert_none_left(self.marker, f"the service on port {self.port}")
         return code
 
     def post(self, events: Any, **kwargs: Any) -> httpx.Response:

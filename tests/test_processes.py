@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 
 from scripts.stack import ROOT, Stack, free_port
 from tests.conftest import ServiceFactory
-from tests.harness import cpu_seconds
+from tests.harness import MARKER, assert_none_left, cpu_seconds
 from tests.support import Backends, Service, drained, make_event, service_env, unique, wait_for
 
 
@@ -119,17 +120,35 @@ def test_every_process_logs_in_one_format_naming_itself(
     assert re.search(r"\[rollups \d+\] (rollups|core)\.", log), "the rollups process logs"
 
 
+def start_serve(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`make run`'s entry point, marked so that every process it starts can be found."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "scripts.serve"], cwd=ROOT,
+            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def stop_serve(proc: subprocess.Popen[bytes], env: dict[str, str], log_path: Path) -> None:
+    """SIGTERM: Sanic's own shutdown ends every process, exit 0, nothing left behind."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(log_path.read_text()[-4000:]) from None
+    assert_none_left(env[MARKER], "scripts.serve")
+    log = log_path.read_text()
+    assert "still running after the shutdown grace" not in log, log[-4000:]
+    assert code == 0, log[-4000:]
+
+
 def test_host_port_and_workers_come_from_the_settings(stack: Stack, tmp_path: Path) -> None:
     """`make run` serves through scripts.serve: PORT, HOST and WORKERS have one source."""
     port = free_port()
     env = service_env(stack.redis_url, stack.mongo_url, tmp_path, port=port, workers=2,
-                      host="127.0.0.1")  # fmt: skip
-    log = (tmp_path / "serve.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.serve"], cwd=ROOT, env={**os.environ, **env},
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    log.close()
+                      host="127.0.0.1", **{MARKER: unique("serve")})  # fmt: skip
+    proc = start_serve(env, tmp_path / "serve.log")
     try:
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, 60,
                  what="the service on PORT")  # fmt: skip
@@ -142,13 +161,28 @@ def test_host_port_and_workers_come_from_the_settings(stack: Stack, tmp_path: Pa
 
         wait_for(lambda: http_workers() == 2, 30, what="WORKERS=2 HTTP workers")
     finally:
-        proc.send_signal(signal.SIGTERM)
+        stop_serve(proc, env, tmp_path / "serve.log")
+
+
+def answers(url: str) -> bool:
+    return httpx.get(url).status_code == 200
+
+
+def test_sigterm_while_starting_stops_everything_cleanly(stack: Stack, tmp_path: Path) -> None:
+    """A SIGTERM as soon as the first worker answers (Sanic's manager may still be waiting
+    for the others' start-up acks, where it used to loop for good) ends the service
+    through Sanic's own shutdown: exit 0, no process left, not the safety net."""
+    for attempt in range(3):
+        port = free_port()
+        env = service_env(stack.redis_url, stack.mongo_url, tmp_path, port=port, workers=2,
+                          host="127.0.0.1", **{MARKER: unique("serve")})  # fmt: skip
+        log_path = tmp_path / f"serve-{attempt}.log"
+        proc = start_serve(env, log_path)
         try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError((tmp_path / "serve.log").read_text()[-4000:]) from None
-        assert code == 0
+            wait_for(partial(answers, f"http://127.0.0.1:{port}/health"), 60, 0.02,
+                     "the first worker to answer")  # fmt: skip
+        finally:
+            stop_serve(proc, env, log_path)
 
 
 def test_roles_split_ingest_and_background_work_across_hosts(
