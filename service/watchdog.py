@@ -130,11 +130,11 @@ def _exit_if_stuck(manager: Any) -> None:
     (a shutdown Sanic never finishes), stop what is left, then exit."""
     # the service's processes, and multiprocessing's own (the manager of Sanic's shared
     # worker state), which os._exit would otherwise leave behind
-    alive = [p for p in manager.processes if p.is_alive()]
-    alive += [p for p in multiprocessing.active_children() if p.pid not in {a.pid for a in alive}]
-    for process in alive:
+    processes = [*manager.processes, *multiprocessing.active_children()]
+    alive = {p.pid for p in processes if p.is_alive()}
+    for pid in alive:
         with contextlib.suppress(OSError):
-            os.kill(process.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
     log.error("the main process was still running after the shutdown grace; %d processes "
               "killed, exiting", len(alive))  # fmt: skip
     logging.shutdown()

@@ -139,7 +139,9 @@ def service_env(redis_url: str, mongo_url: str, var_dir: Path, **overrides: Any)
 
 @dataclass
 class Service:
-    """``sanic service.app:create_app --factory`` as a real subprocess."""
+    """``sanic service.app:create_app --factory`` as a real subprocess, or with
+    ``by_settings`` ``scripts.serve`` (`make run`), which takes ``HOST``, ``PORT`` and
+    ``WORKERS`` from the environment."""
 
     env: dict[str, str]
     workers: int = 1
@@ -148,6 +150,13 @@ class Service:
     log_path: Path | None = None
     app: str = "service.app:create_app"
     marker: str = field(default_factory=lambda: unique("service"))
+    by_settings: bool = False
+
+    def argv(self) -> list[str]:
+        if self.by_settings:
+            return [sys.executable, "-m", "scripts.serve"]
+        return [sys.executable, "-m", "sanic", self.app, "--factory", "--host", "127.0.0.1",
+                "--port", str(self.port), "--workers", str(self.workers)]  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -157,10 +166,8 @@ class Service:
         self.log_path = log_dir / f"service-{self.port}.log"
         out = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sanic", self.app, "--factory",
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)],
-            cwd=ROOT, env={**os.environ, **self.env, MARKER: self.marker}, stdout=out,
-            stderr=subprocess.STDOUT,
+            self.argv(), cwd=ROOT, env={**os.environ, **self.env, MARKER: self.marker},
+            stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         out.close()
         if wait:

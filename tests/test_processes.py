@@ -6,16 +6,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from scripts.stack import ROOT, Stack, free_port
+from scripts.stack import Stack, free_port
 from tests.conftest import ServiceFactory
-from tests.harness import MARKER, assert_none_left, cpu_seconds
+from tests.harness import cpu_seconds
 from tests.support import Backends, Service, drained, make_event, service_env, unique, wait_for
 
 
@@ -120,69 +119,52 @@ def test_every_process_logs_in_one_format_naming_itself(
     assert re.search(r"\[rollups \d+\] (rollups|core)\.", log), "the rollups process logs"
 
 
-def start_serve(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    """`make run`'s entry point, marked so that every process it starts can be found."""
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "scripts.serve"], cwd=ROOT,
-            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+def serve(stack: Stack, tmp_path: Path) -> Service:
+    """`make run`'s entry point (scripts.serve) with PORT, HOST and WORKERS=2 set."""
+    port = free_port()
+    env = service_env(stack.redis_url, stack.mongo_url, tmp_path, port=port, workers=2,
+                      host="127.0.0.1")  # fmt: skip
+    return Service(env, workers=2, port=port, by_settings=True)
 
 
-def stop_serve(proc: subprocess.Popen[bytes], env: dict[str, str], log_path: Path) -> None:
-    """SIGTERM: Sanic's own shutdown ends every process, exit 0, nothing left behind."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(log_path.read_text()[-4000:]) from None
-    assert_none_left(env[MARKER], "scripts.serve")
-    log = log_path.read_text()
-    assert "still running after the shutdown grace" not in log, log[-4000:]
-    assert code == 0, log[-4000:]
+def stopped_cleanly(service: Service) -> None:
+    """SIGTERM: Sanic's own shutdown ends every process (Service.stop checks that none is
+    left), exit 0, without the safety net."""
+    code = service.stop(60)
+    log = service.log_tail()
+    assert "still running after the shutdown grace" not in log, log
+    assert code == 0, log
 
 
 def test_host_port_and_workers_come_from_the_settings(stack: Stack, tmp_path: Path) -> None:
     """`make run` serves through scripts.serve: PORT, HOST and WORKERS have one source."""
-    port = free_port()
-    env = service_env(stack.redis_url, stack.mongo_url, tmp_path, port=port, workers=2,
-                      host="127.0.0.1", **{MARKER: unique("serve")})  # fmt: skip
-    proc = start_serve(env, tmp_path / "serve.log")
+    service = serve(stack, tmp_path)
+    service.start(tmp_path, ready_path="/health")
     try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200, 60,
-                 what="the service on PORT")  # fmt: skip
 
         def http_workers() -> int:
             out = subprocess.run(["ps", "-eo", "ppid=,args="], capture_output=True, text=True)
+            assert service.proc is not None
             return sum(1 for line in out.stdout.splitlines()
-                       if line.split(None, 1)[0] == str(proc.pid)
+                       if line.split(None, 1)[0] == str(service.proc.pid)
                        and line.endswith("events-service: http worker"))  # fmt: skip
 
         wait_for(lambda: http_workers() == 2, 30, what="WORKERS=2 HTTP workers")
     finally:
-        stop_serve(proc, env, tmp_path / "serve.log")
-
-
-def answers(url: str) -> bool:
-    return httpx.get(url).status_code == 200
+        stopped_cleanly(service)
 
 
 def test_sigterm_while_starting_stops_everything_cleanly(stack: Stack, tmp_path: Path) -> None:
     """A SIGTERM as soon as the first worker answers (Sanic's manager may still be waiting
     for the others' start-up acks, where it used to loop for good) ends the service
     through Sanic's own shutdown: exit 0, no process left, not the safety net."""
-    for attempt in range(3):
-        port = free_port()
-        env = service_env(stack.redis_url, stack.mongo_url, tmp_path, port=port, workers=2,
-                          host="127.0.0.1", **{MARKER: unique("serve")})  # fmt: skip
-        log_path = tmp_path / f"serve-{attempt}.log"
-        proc = start_serve(env, log_path)
+    for _ in range(3):
+        service = serve(stack, tmp_path)
+        service.start(tmp_path, wait=False)
         try:
-            wait_for(partial(answers, f"http://127.0.0.1:{port}/health"), 60, 0.02,
-                     "the first worker to answer")  # fmt: skip
+            wait_for(partial(service.is_ready, "/health"), 60, 0.02, "the first worker")
         finally:
-            stop_serve(proc, env, log_path)
+            stopped_cleanly(service)
 
 
 def test_roles_split_ingest_and_background_work_across_hosts(
