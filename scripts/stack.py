@@ -161,6 +161,12 @@ class Server:
     host: str = "127.0.0.1"  # the address clients reach it on (and it listens on)
     proc: subprocess.Popen[bytes] | None = None
 
+    def __post_init__(self) -> None:
+        # servers change directory (PostgreSQL reads unix_socket_directories relative
+        # to its data directory): a relative VAR_DIR such as the default `var` must not
+        # be read twice from two places
+        self.data_dir = self.data_dir.absolute()
+
     def command(self) -> list[str]:
         raise NotImplementedError
 
@@ -299,6 +305,7 @@ class PostgresServer(Server):
     temporary: bool = False  # data moved to a temp dir, removed by `remove_temporary`
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not _reachable_by_postgres(self.data_dir):
             # e.g. pytest's 0700 temp dirs: PostgreSQL cannot run as root, and the
             # postgres user cannot reach a data dir under them
