@@ -101,6 +101,11 @@ class Counts:
         self.types[event_type] = self.types.get(event_type, 0) + 1
         self.users[user_id] = self.users.get(user_id, 0) + 1
 
+    def remove_event(self, event_type: str, user_id: str) -> None:
+        self.total -= 1
+        _merge(self.types, {event_type: 1}, -1)
+        _merge(self.users, {user_id: 1}, -1)
+
     def merge(self, other: Counts, sign: int = 1) -> None:
         """Add (or with ``sign=-1`` take away) another set's figures."""
         self.total += sign * other.total
@@ -175,6 +180,7 @@ class Packed:
     users_blob: bytes
     user_counts: list[int]
     top: list[tuple[str, int]]
+    _index: UserIndex | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, doc: dict[str, Any]) -> Packed:
@@ -202,7 +208,13 @@ class Packed:
         return Counts(self.total, dict(self.types), self.users())
 
     def index(self) -> UserIndex:
-        return UserIndex(self.names(), self.user_counts)
+        if self._index is None:  # kept: a cached document is asked again and again
+            self._index = UserIndex(self.names(), self.user_counts)
+        return self._index
+
+    def size(self) -> int:
+        """Roughly the bytes it holds in memory, once its index is built too."""
+        return 2 * len(self.users_blob) + 64 * len(self.user_counts) + 64 * len(self.top) + 512
 
 
 @dataclass

@@ -25,6 +25,7 @@ reader holding the previous head still finds them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,6 +163,35 @@ async def read_packed(db: Database, kind: Kind, doc_id: str) -> Packed | None:
     """The counts of one rollup document; None when it no longer exists."""
     doc = await db[COLLECTIONS[kind]].find_one({"_id": doc_id}, PROJECTION)
     return Packed.of(doc) if doc else None
+
+
+class PackedCache:
+    """Rollup documents read before, by id, within a memory budget (least recently used go).
+
+    A document is never changed once written (see above), so what was read
+    under an id stays true; one that was deleted since only belonged to a head
+    superseded meanwhile, and its figures are still those of that head.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self._budget = budget_bytes
+        self._used = 0
+        self._kept: OrderedDict[str, Packed] = OrderedDict()
+
+    def get(self, doc_id: str) -> Packed | None:
+        found = self._kept.get(doc_id)
+        if found is not None:
+            self._kept.move_to_end(doc_id)
+        return found
+
+    def keep(self, doc_id: str, packed: Packed) -> None:
+        if doc_id in self._kept or packed.size() > self._budget:
+            return
+        self._kept[doc_id] = packed
+        self._used += packed.size()
+        while self._used > self._budget:
+            _, dropped = self._kept.popitem(last=False)
+            self._used -= dropped.size()
 
 
 def document(kind: Kind, doc_id: str, account_id: str, start: int, packed: dict[str, Any],

@@ -72,6 +72,9 @@ class Settings:
     rollup_timeout_seconds: float = 60.0
     summary_cache_seconds: int = 2
     summary_timeout_seconds: float = 10.0
+    # per HTTP worker: rollup documents kept in memory once read (they never
+    # change); 0 reads every one from the store
+    summary_memory_mb: int = 64
     # processes
     watchdog_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 10.0
@@ -190,8 +193,9 @@ def _check(s: Settings) -> None:
             raise SettingsError(f"{ENV_NAMES[name]} must be positive")
     if s.port > 65535:
         raise SettingsError("PORT must be at most 65535")
-    if s.shutdown_grace_seconds < 0:
-        raise SettingsError("SHUTDOWN_GRACE_SECONDS may not be negative")
+    for name in ("shutdown_grace_seconds", "summary_memory_mb", "summary_cache_seconds"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{ENV_NAMES[name]} may not be negative")
     if not 0 <= s.clock_skew_threshold_seconds < float("inf"):
         raise SettingsError("CLOCK_SKEW_THRESHOLD_SECONDS must be a finite number, at least 0")
     # the 24h windows subtract minute buckets a day old, the 30d windows hour

@@ -18,7 +18,7 @@ Entry ids (``ms-seq``) order entries within one partition.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,22 +84,29 @@ def parse_entries(partition: int, reply: Sequence[Any]) -> list[TailEntry]:
     return out
 
 
-# One partition's tail of an account, with the server's clock at the moment it
-# was read. A script, because a Redis Cluster pipeline refuses a bare TIME.
-_READ = "return {redis.call('TIME'), redis.call('XRANGE', KEYS[1], '-', '+')}"
+# One partition's tail of an account from an id on ("-": all of it; "(ms-seq": what
+# came after that entry), with the server's clock at the moment it was read. A
+# script, because a Redis Cluster pipeline refuses a bare TIME.
+_READ = "return {redis.call('TIME'), redis.call('XRANGE', KEYS[1], ARGV[1], '+')}"
 
 
 async def read_tails(
-    client: Any, parts: Sequence[Partition], account_id: str
+    client: Any,
+    parts: Sequence[Partition],
+    account_id: str,
+    after: Mapping[int, StreamId] | None = None,
 ) -> tuple[int, list[TailEntry]]:
-    """The account's tail in every partition, and the clock when it was read.
+    """The account's tail in every partition (only entries newer than ``after``, when
+    given), and the clock when it was read.
 
     With several partitions (on several cluster nodes) the earliest of their
     clocks is returned: every event acknowledged before it is in the entries.
     """
+    after = after or {}
     async with client.pipeline(transaction=False) as pipe:
         for part in parts:
-            pipe.eval(_READ, 1, part.tail(account_id))
+            newer = after.get(part.index)
+            pipe.eval(_READ, 1, part.tail(account_id), f"({format_id(newer)}" if newer else "-")
         replies = await pipe.execute()
     entries: list[TailEntry] = []
     for part, (_, reply) in zip(parts, replies, strict=True):
@@ -113,9 +120,11 @@ def redis_time_ms(reply: Sequence[Any]) -> int:
     return seconds * 1000 + micros // 1000
 
 
-def last_ids(entries: Sequence[TailEntry]) -> dict[int, StreamId]:
-    """The newest entry id per partition."""
-    out: dict[int, StreamId] = {}
+def last_ids(
+    entries: Sequence[TailEntry], before: Mapping[int, StreamId] | None = None
+) -> dict[int, StreamId]:
+    """The newest entry id per partition (of ``before`` and then ``entries``)."""
+    out: dict[int, StreamId] = dict(before or {})
     for entry in entries:
         if entry.entry_id > out.get(entry.partition, ZERO_ID):
             out[entry.partition] = entry.entry_id

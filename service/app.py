@@ -29,7 +29,7 @@ from service.dashboard import get_dashboard
 from service.flusher import flusher_process
 from service.ingest import limits_from, post_events
 from service.queue import Producer
-from service.summary import SingleFlight, get_summary, rollup_figures
+from service.summary import WorkerMemory, get_summary, rollup_figures
 from service.timeseries import DEFAULT_STEPS, MAX_POINTS, STEPS, get_timeseries
 from service.watchdog import Watchdog
 
@@ -154,7 +154,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
         app.ctx.producer = Producer(app.ctx.redis, settings)
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
-        app.ctx.summaries_in_flight = SingleFlight()
+        app.ctx.summary_memory = WorkerMemory.for_settings(settings)
 
     @app.after_server_stop
     async def disconnect(app: App) -> None:

@@ -24,7 +24,6 @@ events the account has.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,24 +47,27 @@ from core.buckets import (
 from core.connections import REDIS_ERRORS, Redis
 from core.events import is_account_id
 from core.metrics import Live
-from core.rollup_docs import Head, load_index, read_head, read_packed
+from core.rollup_docs import Head, PackedCache, load_index, read_head, read_packed
 from core.settings import Settings
 from core.store import Database
 from core.tail import TailEntry, last_ids, read_tails, redis_time_ms
 from service.auth import authenticate, authorize
 from service.errors import BadRequest, Unavailable, client_input
+from service.live_tail import Basis, Running, RunningTails
 
 T = TypeVar("T")
 
 MAX_TOP = 100
 ATTEMPTS = 20  # a read that raced a rollover is simply redone
-NONE_HELD = -(2**63)  # below every timestamp
-ALL_HELD = 2**63  # above every timestamp
 _encode = msgspec.json.Encoder().encode
 
 
 class Raced(Exception):
     """A rollover replaced what this read was looking at; read again."""
+
+
+class Stale(Exception):
+    """The running count of the tail was made under another head or window start."""
 
 
 @dataclass
@@ -107,59 +109,26 @@ def iso(epoch_ms: int) -> str:
     return to_datetime(epoch_ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def held_before(entry: TailEntry, head: Head | None) -> int:
-    """The entry's events timestamped before this are in the head's documents; later ones
-    are not, so they count from the tail.
-
-    The head's documents hold the events before its minute of every entry it
-    applied, and nothing of the entries it has not applied yet.
-    """
-    if head is None or entry.entry_id > head.applied_id(entry.partition):
-        return NONE_HELD
-    return head.minute if head.minute is not None else ALL_HELD
-
-
-def tail_counts(
-    entries: list[TailEntry], head: Head | None, start: int, to: int
-) -> tuple[Counts, int]:
-    """Tail events in ``[start, to)`` that the head's aggregates do not hold."""
-    counts = Counts()
-    seen = 0
-    for entry in entries:
-        held = held_before(entry, head)
-        events = entry.events
-        seen += len(events.ts)
-        if max(start, held) <= min(events.ts) and max(events.ts) < to:
-            # the whole entry counts (the usual case): count it in C
-            counts.total += len(events.ts)
-            _add_all(counts.types, Counter(events.types))
-            _add_all(counts.users, Counter(events.users))
-            continue
-        for ts, event_type, user in zip(events.ts, events.types, events.users, strict=True):
-            if start <= ts < to and ts >= held:
-                counts.add_event(event_type, user)
-    return counts, seen
-
-
-def _add_all(into: dict[str, int], counted: Counter[str]) -> None:
-    if not into:
-        into.update(counted)
-        return
-    for key, n in counted.items():
-        into[key] = into.get(key, 0) + n
-
-
-async def _packed(db: Database, kind: Any, doc_id: str | None, reads: Reads) -> Packed:
+async def _packed(
+    db: Database, kind: Any, doc_id: str | None, reads: Reads, docs: PackedCache | None
+) -> Packed:
     if doc_id is None:
         return Packed.empty()
+    found = docs.get(doc_id) if docs is not None else None
+    if found is not None:
+        return found
     reads.documents += 1
     found = await read_packed(db, kind, doc_id)
     if found is None:
         raise Raced(doc_id)  # superseded and deleted since the head was read
+    if docs is not None:
+        docs.keep(doc_id, found)
     return found
 
 
-async def _left(db: Database, head: Head, window: str, minute: int, reads: Reads) -> Counts:
+async def _left(
+    db: Database, head: Head, window: str, minute: int, reads: Reads, docs: PackedCache | None
+) -> Counts:
     """Buckets that left the window between the head's minute and ``minute``."""
     assert head.minute is not None
     resolution = leaving_resolution(window)
@@ -167,7 +136,8 @@ async def _left(db: Database, head: Head, window: str, minute: int, reads: Reads
     left = Counts()
     for start in sorted(head.buckets(resolution)):
         if gone_from <= start < gone_to:
-            bucket = await _packed(db, resolution, head.bucket_doc_id(resolution, start), reads)
+            doc_id = head.bucket_doc_id(resolution, start)
+            bucket = await _packed(db, resolution, doc_id, reads, docs)
             left.merge(bucket.unpack())
     return left
 
@@ -222,39 +192,78 @@ def _top_may_be_elsewhere(base: Packed, candidates: dict[str, int]) -> bool:
 
 @dataclass
 class Snapshot:
-    """The tail as read at ``to``, and the cache key of the figures it leads to."""
+    """The tail as read at ``to`` (all of it, or only what came after ``previous``'s
+    entries), and the cache key of the figures it leads to."""
 
     to: int
     entries: list[TailEntry]
     cache_key: str
+    previous: Running | None = None
 
 
-async def read_tail(redis: Redis, settings: Settings, account: str, window: str) -> Snapshot:
-    to, entries = await read_tails(redis, keys.partitions(settings), account)
+@dataclass
+class WorkerMemory:
+    """What one HTTP worker keeps between summaries (see ``service/live_tail.py``)."""
+
+    tails: RunningTails
+    docs: PackedCache | None  # None: every rollup document is read from the store
+    in_flight: SingleFlight
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> WorkerMemory:
+        budget = settings.summary_memory_mb * 2**20
+        return cls(RunningTails(), PackedCache(budget) if budget else None, SingleFlight())
+
+
+async def read_tail(
+    redis: Redis, settings: Settings, account: str, window: str, previous: Running | None = None
+) -> Snapshot:
+    after = previous.last if previous is not None else None
+    to, entries = await read_tails(redis, keys.partitions(settings), account, after)
     # the same minute and the same tail give the same figures, whatever the
     # rollups did meanwhile: a new stored event always changes the key
-    tails = ",".join(f"{p}:{i[0]}-{i[1]}" for p, i in sorted(last_ids(entries).items()))
+    newest = last_ids(entries, after)
+    tails = ",".join(f"{p}:{i[0]}-{i[1]}" for p, i in sorted(newest.items()))
     key = keys.summary_cache(settings, account, window, str(floor(to, "minute")), tails or "-")
-    return Snapshot(to, entries, key)
+    return Snapshot(to, entries, key, previous)
 
 
-async def figures_at(db: Database, snapshot: Snapshot, account: str, window: str) -> Figures:
-    """The figures for the window ending at the snapshot; raises Raced if a rollover got in."""
+async def figures_at(
+    db: Database,
+    snapshot: Snapshot,
+    account: str,
+    window: str,
+    memory: WorkerMemory | None = None,
+) -> Figures:
+    """The figures for the window ending at the snapshot; raises Raced if a rollover got in,
+    Stale if the snapshot holds only new entries and they cannot be added to its count."""
     minute = floor(snapshot.to, "minute")
     start = window_start(window, minute)
     figures = Figures(account, window, start, snapshot.to)
+    docs = memory.docs if memory is not None else None
     head = await read_head(db, account)
     if head is not None and head.minute is not None and head.minute > minute:
         raise Raced("the head was rolled past this read's minute")
-    base = await _packed(db, "window", head.windows.get(window) if head else None, figures.reads)
+    basis = Basis.of(head, start)
+    previous = snapshot.previous
+    if previous is None:
+        tail = Running.count(basis, head, snapshot.entries, snapshot.to)
+    elif previous.continues(basis, head, snapshot.to):
+        tail = previous.advanced(head, snapshot.entries, snapshot.to)
+    else:
+        raise Stale("the head or the window's start moved since the tail was last counted")
+    window_doc = head.windows.get(window) if head else None
+    base = await _packed(db, "window", window_doc, figures.reads, docs)
     left = Counts()
     if head is not None and head.minute is not None and head.minute < minute:
         if not await load_index(db, head):
             raise Raced("the head's bucket index was superseded")
         figures.reads.documents += 1
-        left = await _left(db, head, window, minute, figures.reads)
-    extra, figures.reads.tail_events = tail_counts(snapshot.entries, head, start, snapshot.to)
-    combine(figures, base, extra, left)
+        left = await _left(db, head, window, minute, figures.reads, docs)
+    figures.reads.tail_events = tail.events_read
+    combine(figures, base, tail.counts, left)
+    if memory is not None:
+        memory.tails.keep(account, window, tail)
     return figures
 
 
@@ -265,14 +274,22 @@ async def compute(
     account: str,
     window: str,
     cached: Callable[[str], Awaitable[bytes | None]] | None = None,
+    memory: WorkerMemory | None = None,
 ) -> tuple[Figures | bytes, str]:
     """The window's figures (or a cached answer for them), and their cache key."""
 
-    async def attempt() -> tuple[Figures | bytes, str]:
-        snapshot = await read_tail(redis, settings, account, window)
+    async def attempt_from(previous: Running | None) -> tuple[Figures | bytes, str]:
+        snapshot = await read_tail(redis, settings, account, window, previous)
         if cached is not None and (hit := await cached(snapshot.cache_key)) is not None:
             return hit, snapshot.cache_key
-        return await figures_at(db, snapshot, account, window), snapshot.cache_key
+        return await figures_at(db, snapshot, account, window, memory), snapshot.cache_key
+
+    async def attempt() -> tuple[Figures | bytes, str]:
+        previous = memory.tails.get(account, window) if memory is not None else None
+        try:
+            return await attempt_from(previous)
+        except Stale:
+            return await attempt_from(None)  # count the whole tail afresh
 
     (found, key), attempts = await consistently(attempt)
     if isinstance(found, Figures):
@@ -335,17 +352,17 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
     account, window, top = parse_request(request, account_id)
     authorize(settings, authenticate(request, settings), [account], "read")
     db, redis = request.app.ctx.db, request.app.ctx.redis
-    in_flight: SingleFlight = request.app.ctx.summaries_in_flight
+    memory: WorkerMemory = request.app.ctx.summary_memory
 
     async def cached(key: str) -> bytes | None:
         return await _cache_get(redis, f"{key}:{top}")
 
     async def answer() -> tuple[Figures | bytes, str]:
-        return await compute(db, redis, settings, account, window, cached)
+        return await compute(db, redis, settings, account, window, cached, memory)
 
     with stores_unavailable(settings):
         # identical requests arriving together share one computation
-        found, key = await in_flight.run(f"{account}:{window}:{top}", answer)
+        found, key = await memory.in_flight.run(f"{account}:{window}:{top}", answer)
     if isinstance(found, bytes):
         return HTTPResponse(found, content_type="application/json", headers={"X-Cache": "hit"})
     encoded = _encode(found.body(top))

@@ -31,6 +31,7 @@ from core.settings import Settings
 from core.store import Database
 from service.auth import authenticate, authorize
 from service.errors import BadRequest, client_input
+from service.live_tail import held_before
 from service.responses import json_response
 from service.summary import (
     Raced,
@@ -38,7 +39,6 @@ from service.summary import (
     check_account,
     check_window,
     consistently,
-    held_before,
     iso,
     read_tail,
     stores_unavailable,

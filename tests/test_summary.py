@@ -25,7 +25,7 @@ from core.buckets import WINDOWS, floor, ms
 from rollups.rollover import Roller
 from tests.conftest import AppFactory, Running, ServiceFactory
 from tests.oracle import figures, ground_truth, parse_iso
-from tests.support import drained, eventually, iso, unique, wait_for
+from tests.support import drained, eventually, iso, make_event, unique, wait_for
 
 # shrinking re-runs real traffic for minutes; the failing example is printed anyway
 NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
@@ -201,6 +201,55 @@ async def test_cached_answers_never_hide_a_newly_stored_event(app: AppFactory) -
     await eventually(drained(running.backends, account, 1))
     fresh = await running.client.get(f"/summary/{account}")
     assert fresh.json()["total"] == 1, "the cache must be keyed by what is stored"
+
+
+async def test_a_worker_reads_only_the_tail_stored_since_its_last_summary(
+    app: AppFactory,
+) -> None:
+    """Under load an account's tail is thousands of entries; each summary reads only
+    what was stored since the worker's last one, through a same-minute rollover
+    that applies late events too, and stays exact (service/live_tail.py)."""
+    running = await app(summary_cache_seconds=0)
+    running.start_flusher()
+    roller = Roller(running.db, running.redis, running.settings)
+
+    async def post(account: str, first: int, n: int, ago: timedelta) -> int:
+        when = datetime.now(UTC) - ago
+        batch = [make_event(account, first + i, user=f"u{i % 3}", ts=when) for i in range(n)]
+        assert (await running.post(batch)).status_code == 202
+        await eventually(drained(running.backends, account, first + n), what="stored")
+        return floor(ms(when), "minute")
+
+    async def summary(account: str) -> tuple[int, int]:
+        """Tail events read, and the minute of `to`; the figures must be exact."""
+        response = await running.client.get(f"/summary/{account}", params={"window": "1h"})
+        got = response.json()
+        start, end = parse_iso(got["from"]), parse_iso(got["to"])
+        assert figures(got) == ground_truth(running.backends.events, account, start, end, 5)
+        return int(response.headers["x-tail-events-read"]), floor(ms(end), "minute")
+
+    async def within_one_minute() -> list[int] | None:
+        account = unique("inc")
+        minute = await post(account, 0, 10, timedelta(0))
+        await roller.roll(account, minute)  # a head for this minute; the tail stays
+        reads = []
+        for step in range(4):
+            if step == 1:
+                await post(account, 10, 5, timedelta(seconds=1))
+            elif step == 2:
+                await post(account, 15, 1, timedelta(minutes=3))  # late
+            elif step == 3:
+                await roller.roll(account, minute)  # same minute: applies the late event
+            read, to_minute = await summary(account)
+            if to_minute != minute:
+                return None  # the minute turned: the counts start afresh; try again
+            reads.append(read)
+        return reads
+
+    for _ in range(3):
+        if (reads := await within_one_minute()) is not None:
+            break
+    assert reads == [10, 5, 1, 0]
 
 
 def test_rollups_processes_killed_and_running_twice_stay_exact(
