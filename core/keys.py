@@ -54,6 +54,10 @@ class Partition:
         """Events of one account stored since its last rollover."""
         return f"{{{self.tag}}}:tail:{account_id}"
 
+    def head(self, account_id: str) -> str:
+        """A copy of the account's rollup head, read with the tail (in the account's partition)."""
+        return f"{{{self.tag}}}:head:{account_id}"
+
     def rate(self, client_id: str, second: int) -> str:
         return f"{{{self.tag}}}:rate:{client_id}:{second}"
 

@@ -85,9 +85,22 @@ def parse_entries(partition: int, reply: Sequence[Any]) -> list[TailEntry]:
 
 
 # One partition's tail of an account from an id on ("-": all of it; "(ms-seq": what
-# came after that entry), with the server's clock at the moment it was read. A
-# script, because a Redis Cluster pipeline refuses a bare TIME.
-_READ = "return {redis.call('TIME'), redis.call('XRANGE', KEYS[1], ARGV[1], '+')}"
+# came after that entry), with the server's clock at the moment it was read, and
+# (KEYS[2], if given) the copy of the account's head, "" if none. A script,
+# because a Redis Cluster pipeline refuses a bare TIME, and atomic: the head
+# copy is never older than the entries read with it.
+_READ = """
+local out = {redis.call('TIME'), redis.call('XRANGE', KEYS[1], ARGV[1], '+')}
+if KEYS[2] then out[3] = redis.call('HGET', KEYS[2], 'h') or '' end
+return out
+"""
+
+
+@dataclass
+class TailRead:
+    to: int  # the Redis clock when it was read
+    entries: list[TailEntry]
+    head: bytes | None = None  # the head copy (``Head.copy``), if asked for and kept
 
 
 async def read_tails(
@@ -95,23 +108,35 @@ async def read_tails(
     parts: Sequence[Partition],
     account_id: str,
     after: Mapping[int, StreamId] | None = None,
-) -> tuple[int, list[TailEntry]]:
+    head_key: str | None = None,
+) -> TailRead:
     """The account's tail in every partition (only entries newer than ``after``, when
-    given), and the clock when it was read.
+    given), the clock when it was read, and the head copy at ``head_key`` read no
+    earlier than the tail.
 
     With several partitions (on several cluster nodes) the earliest of their
     clocks is returned: every event acknowledged before it is in the entries.
     """
     after = after or {}
+    together = head_key is not None and len(parts) == 1  # one call: the same instant
     async with client.pipeline(transaction=False) as pipe:
         for part in parts:
             newer = after.get(part.index)
-            pipe.eval(_READ, 1, part.tail(account_id), f"({format_id(newer)}" if newer else "-")
+            since = f"({format_id(newer)}" if newer else "-"
+            if together:
+                pipe.eval(_READ, 2, part.tail(account_id), head_key, since)
+            else:
+                pipe.eval(_READ, 1, part.tail(account_id), since)
         replies = await pipe.execute()
     entries: list[TailEntry] = []
-    for part, (_, reply) in zip(parts, replies, strict=True):
-        entries.extend(parse_entries(part.index, reply))
-    return min(redis_time_ms(clock) for clock, _ in replies), entries
+    for part, reply in zip(parts, replies, strict=True):
+        entries.extend(parse_entries(part.index, reply[1]))
+    to = min(redis_time_ms(reply[0]) for reply in replies)
+    if head_key is None:
+        return TailRead(to, entries)
+    # several partitions may be on several nodes: the head is read after every tail
+    head = replies[0][2] if together else await client.hget(head_key, "h")
+    return TailRead(to, entries, head or None)
 
 
 def redis_time_ms(reply: Sequence[Any]) -> int:

@@ -79,6 +79,16 @@ if redis.call('XLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) en
 return 1
 """
 
+# Keep the newest head's copy for readers: a rollup job that lost its lease
+# mid-way must not put back an older head after the tail was trimmed for a newer.
+# KEYS: head copy; ARGV: version, copy
+_KEEP_HEAD = """
+local kept = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if tonumber(ARGV[1]) <= kept then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'h', ARGV[2])
+return 1
+"""
+
 
 class HeadConflict(Exception):
     """Another rollup job moved the head first; this rollover was dropped."""
@@ -139,6 +149,7 @@ class Roller:
         self.cache = DocumentCache()
         self.heads: dict[str, Head] = {}
         self._trim = redis.register_script(_TRIM)
+        self._keep_head = redis.register_script(_KEEP_HEAD)
 
     def forget_heads(self) -> None:
         """Another job may have written heads (we lost the lease for a while)."""
@@ -151,8 +162,7 @@ class Roller:
         return await read_head(self.db, account_id, with_index=True) or Head(account_id)
 
     async def read_tail(self, account_id: str) -> list[TailEntry]:
-        _, entries = await read_tails(self.redis, self.partitions, account_id)
-        return entries
+        return (await read_tails(self.redis, self.partitions, account_id)).entries
 
     async def roll(
         self, account_id: str, minute: int, corrections: dict[int, Counts] | None = None
@@ -346,6 +356,9 @@ class Roller:
         except DuplicateKeyError:
             await self._discard(docs)
             raise HeadConflict(new.account_id) from None
+        # before the tail is trimmed: a reader of the copy and the tail misses nothing
+        home = keys.partition_of(self.settings, new.account_id)
+        await self._keep_head(keys=[home.head(new.account_id)], args=[new.version, new.copy()])
         if old.version:
             await heads.delete_one({"_id": head_id(old.account_id, old.version)})
 

@@ -3,9 +3,11 @@
 A summary for window ``w`` asked at ``to`` (the Redis server's clock) during
 minute ``M`` covers ``[window_start(w, M), to)``. It reads, in this order:
 
-1. the account's tail in every partition (events stored, not yet rolled up),
-   in one pipeline with TIME, so ``to`` is the moment the tail was read;
-2. the account's head, then the one window aggregate it names, which holds
+1. the account's tail in every partition (events stored, not yet rolled up)
+   and the copy of the account's head the rollup job keeps in Redis, in one
+   atomic call with TIME, so ``to`` is the moment both were read (the head
+   comes from the store instead when there is no copy, or on a retry);
+2. the one window aggregate the head names, which holds
    ``[window_start(w, S), S)`` for the head's minute ``S``;
 3. only if the rollup job has not rolled the account to ``M`` yet (the first
    seconds of a minute, or an idle account): the buckets that left the window
@@ -14,11 +16,16 @@ minute ``M`` covers ``[window_start(w, M), to)``. It reads, in this order:
 Tail events count when they fall in the window and the aggregate does not
 hold them: at or after ``S``, or from a tail entry the head had not applied.
 Because the head only ever names immutable documents and the tail is trimmed
-only after a head that no longer needs those entries is written, the figures
-are exact for every event stored before ``to``, duplicates and late events
-included, whatever the rollup job does meanwhile. A 24h summary reads two
-small documents and one aggregate (~50 KB with 5,000 users), however many
-events the account has.
+only after a head that no longer needs those entries is written (and copied),
+the figures are exact for every event stored before ``to``, duplicates and
+late events included, whatever the rollup job does meanwhile.
+
+Each HTTP worker keeps what it read before (``WorkerMemory``): its running
+count of each account's tail, so it reads only the entries stored since its
+last summary (``service/live_tail.py``), and the immutable rollup documents
+within ``SUMMARY_MEMORY_MB``. Under steady traffic a 24h summary is one Redis
+call and no store read at all; uncached, it reads one aggregate (~50 KB with
+5,000 users), however many events the account has.
 """
 
 from __future__ import annotations
@@ -193,12 +200,13 @@ def _top_may_be_elsewhere(base: Packed, candidates: dict[str, int]) -> bool:
 @dataclass
 class Snapshot:
     """The tail as read at ``to`` (all of it, or only what came after ``previous``'s
-    entries), and the cache key of the figures it leads to."""
+    entries), maybe the head read with it, and the cache key of the figures it leads to."""
 
     to: int
     entries: list[TailEntry]
     cache_key: str
     previous: Running | None = None
+    head: Head | None = None  # the head's copy read with the tail; None: read the store
 
 
 @dataclass
@@ -216,16 +224,24 @@ class WorkerMemory:
 
 
 async def read_tail(
-    redis: Redis, settings: Settings, account: str, window: str, previous: Running | None = None
+    redis: Redis,
+    settings: Settings,
+    account: str,
+    window: str,
+    previous: Running | None = None,
+    with_head: bool = False,
 ) -> Snapshot:
+    """The tail (after ``previous``'s entries) and, ``with_head``, the head's Redis copy."""
     after = previous.last if previous is not None else None
-    to, entries = await read_tails(redis, keys.partitions(settings), account, after)
+    head_key = keys.partition_of(settings, account).head(account) if with_head else None
+    read = await read_tails(redis, keys.partitions(settings), account, after, head_key)
     # the same minute and the same tail give the same figures, whatever the
     # rollups did meanwhile: a new stored event always changes the key
-    newest = last_ids(entries, after)
+    newest = last_ids(read.entries, after)
     tails = ",".join(f"{p}:{i[0]}-{i[1]}" for p, i in sorted(newest.items()))
-    key = keys.summary_cache(settings, account, window, str(floor(to, "minute")), tails or "-")
-    return Snapshot(to, entries, key, previous)
+    key = keys.summary_cache(settings, account, window, str(floor(read.to, "minute")), tails or "-")
+    head = Head.from_copy(read.head) if read.head is not None else None
+    return Snapshot(read.to, read.entries, key, previous, head)
 
 
 async def figures_at(
@@ -241,7 +257,10 @@ async def figures_at(
     start = window_start(window, minute)
     figures = Figures(account, window, start, snapshot.to)
     docs = memory.docs if memory is not None else None
-    head = await read_head(db, account)
+    head = snapshot.head
+    if head is None:
+        figures.reads.documents += 1
+        head = await read_head(db, account)
     if head is not None and head.minute is not None and head.minute > minute:
         raise Raced("the head was rolled past this read's minute")
     basis = Basis.of(head, start)
@@ -278,13 +297,20 @@ async def compute(
 ) -> tuple[Figures | bytes, str]:
     """The window's figures (or a cached answer for them), and their cache key."""
 
+    tries = 0
+
     async def attempt_from(previous: Running | None) -> tuple[Figures | bytes, str]:
-        snapshot = await read_tail(redis, settings, account, window, previous)
+        # a read that raced is redone from the store's head: a copy left behind
+        # (say the store was restored from a backup) cannot make every try race
+        with_head = tries == 1
+        snapshot = await read_tail(redis, settings, account, window, previous, with_head)
         if cached is not None and (hit := await cached(snapshot.cache_key)) is not None:
             return hit, snapshot.cache_key
         return await figures_at(db, snapshot, account, window, memory), snapshot.cache_key
 
     async def attempt() -> tuple[Figures | bytes, str]:
+        nonlocal tries
+        tries += 1
         previous = memory.tails.get(account, window) if memory is not None else None
         try:
             return await attempt_from(previous)
