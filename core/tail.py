@@ -1,8 +1,8 @@
 """The live tail: each account's stored events that are not in its window aggregates yet.
 
-When a flusher acknowledges a stream entry it appends, in the same atomic
-Redis script, one tail entry per account of that batch holding exactly the
-events the batch newly stored (re-sent duplicates excluded). So the tail is
+When a flusher acknowledges stream entries it appends, in the same atomic
+Redis script, one tail entry per account holding exactly the events those
+entries newly stored (re-sent duplicates excluded). So the tail is
 the exact, ordered record of what became visible in MongoDB, and:
 
 - ``GET /summary`` adds the tail events its window covers to the account's

@@ -74,7 +74,9 @@ _encode = msgspec.msgpack.Encoder().encode
 # empty (the flusher adds it back with its next entry).
 # KEYS: tail, dirty; ARGV: account, ids to delete...
 _TRIM = """
-if #ARGV > 1 then redis.call('XDEL', KEYS[1], unpack(ARGV, 2)) end
+for i = 2, #ARGV, 1000 do  -- unpack() refuses more than ~8000 values at once
+  redis.call('XDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
 if redis.call('XLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
 return 1
 """

@@ -7,7 +7,8 @@ outage at any point means a redo, never a loss or a double.
 
 Exactly-once *counting* comes from what the acknowledgement carries: the
 events this entry newly stored, appended to the accounts' live tails in the
-same atomic Redis script as the XACK (``core/tail.py``). On an entry's first
+same atomic Redis script as the XACK (``core/tail.py``; the entries of one
+flush make one tail entry per account). On an entry's first
 delivery those are the documents the insert did not report as duplicates; an
 entry read before (recovered, reclaimed, or retried after a failed write) may
 have stored some of them on an earlier attempt, so its events are read back by
@@ -330,8 +331,8 @@ class Flusher(Worker):
             delay = min(MAX_BACKOFF, delay * 2)
 
 
-def tails_of(docs: list[Document]) -> dict[str, bytes]:
-    """Stored event documents as tail blobs, one per account."""
+def tails_of(docs: list[Document]) -> dict[str, tail.TailEvents]:
+    """Stored event documents as tail events, per account."""
     per_account: dict[str, tail.TailEvents] = {}
     for doc in docs:
         events = per_account.get(doc["account_id"])
@@ -340,7 +341,7 @@ def tails_of(docs: list[Document]) -> dict[str, bytes]:
         events.ts.append(ms(doc["timestamp"]))
         events.types.append(doc["type"])
         events.users.append(doc["user_id"])
-    return {account: tail.encode(events) for account, events in per_account.items()}
+    return per_account
 
 
 def flusher_process(settings: Settings, slot: int = 0) -> None:

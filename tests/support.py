@@ -121,6 +121,9 @@ class Backends:
             total += sum(len(e.events.ts) for e in parse_entries(p.index, reply))
         return total
 
+    def tail_entries(self, account: str) -> int:
+        return sum(int(self.redis.xlen(p.tail(account))) for p in self.partitions)
+
     def close(self) -> None:
         self.redis.close()
         self.mongo.close()

@@ -42,6 +42,22 @@ async def test_first_delivery_counts_the_new_events_only(app: AppFactory) -> Non
     assert running.backends.tail_events(account) == 7  # each counted exactly once
 
 
+async def test_the_batches_of_one_flush_make_one_tail_entry_per_account(app: AppFactory) -> None:
+    """Summaries and rollovers read the tail entry by entry: under load one entry
+    per account per flush instead of one per batch is ~20x fewer to read."""
+    running = await app(flush_concurrency=1)
+    first, second = unique("acc"), unique("acc")
+    for n in range(0, 300, 10):  # 30 batches, both accounts in each
+        both = batch(first, range(n, n + 5)) + batch(second, range(n, n + 5))
+        assert (await running.post(both)).status_code == 202
+    running.start_flusher()  # one lane, and every batch already waiting: one flush
+    await eventually(lambda: running.backends.queue_depth() == 0, what="all 30 stored")
+    for account in (first, second):
+        assert running.backends.count(account) == 150
+        assert running.backends.tail_events(account) == 150
+        assert running.backends.tail_entries(account) == 1
+
+
 @pytest.fixture
 def instance() -> str:
     return unique("host")

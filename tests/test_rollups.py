@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from core import keys
+from core import keys, tail
 from core.buckets import HOUR, MINUTE, WINDOWS, floor, ms, to_datetime, window_start
 from core.rollup_docs import read_head
 from rollups.rollover import HeadConflict, Roller, next_change
@@ -226,3 +226,26 @@ async def test_an_account_with_100k_users_in_one_hour(running: Running) -> None:
     got = await figures(running, account, "24h", ms(now))
     assert got.total == 100_000 and got.unique_users == 100_000
     assert got.reads.documents == 2  # the head and one aggregate
+
+
+async def test_a_rollover_trims_more_tail_entries_than_lua_unpacks_at_once(
+    running: Running,
+) -> None:
+    """A rollup job that was down for a while finds tens of thousands of tail
+    entries; trimming them must not fail (Lua's unpack() takes ~8000 values), or
+    the tail would never shrink again."""
+    account = unique("long")
+    part = keys.partition_of(running.settings, account)
+    now = datetime.now(UTC)
+    when = ms(now - timedelta(minutes=2))
+    async with running.redis.pipeline(transaction=False) as pipe:
+        for i in range(10_000):  # what 10,000 flushes would have appended
+            blob = tail.encode(tail.TailEvents([when], ["login"], [f"u{i % 7}"]))
+            pipe.xadd(part.tail(account), {"e": blob})
+        await pipe.execute()
+    roller = Roller(running.db, running.redis, running.settings)
+    rolled = await roller.roll(account, floor(ms(now), "minute"))
+    assert rolled is not None and rolled.events == 10_000
+    assert await running.redis.xlen(part.tail(account)) == 0
+    got = await figures(running, account, "24h", ms(now))
+    assert (got.total, got.unique_users) == (10_000, 7)
