@@ -172,15 +172,31 @@ async def read_head(db: Database, account_id: str, with_index: bool = False) -> 
     return head
 
 
-async def load_index(db: Database, head: Head) -> bool:
+@dataclass(frozen=True)
+class BucketIndex:
+    """A head's non-empty buckets (start -> the tag of their current version)."""
+
+    minutes: dict[int, str]
+    hours: dict[int, str]
+
+    def size(self) -> int:
+        """Roughly the bytes it holds in memory."""
+        return 160 * (len(self.minutes) + len(self.hours)) + 512
+
+
+async def load_index(db: Database, head: Head, kept: KeptDocuments | None = None) -> bool:
     """Fill in the head's bucket lists; False if its index is gone (superseded since)."""
     if head.index is None:
         return True
-    doc = await db[keys.INDEXES].find_one({"_id": head.index})
-    if doc is None:
-        return False
-    head.minutes = dict(_refs.decode(doc["minutes"]))
-    head.hours = dict(_refs.decode(doc["hours"]))
+    index = kept.index(head.index) if kept is not None else None
+    if index is None:
+        doc = await db[keys.INDEXES].find_one({"_id": head.index})
+        if doc is None:
+            return False
+        index = BucketIndex(dict(_refs.decode(doc["minutes"])), dict(_refs.decode(doc["hours"])))
+        if kept is not None:
+            kept.keep(head.index, index)
+    head.minutes, head.hours = dict(index.minutes), dict(index.hours)
     return True
 
 
@@ -193,8 +209,9 @@ async def read_packed(db: Database, kind: Kind, doc_id: str) -> Packed | None:
     return Packed.of(doc) if doc else None
 
 
-class PackedCache:
-    """Rollup documents read before, by id, within a memory budget (least recently used go).
+class KeptDocuments:
+    """Rollup documents read before (counts and bucket indexes), by id, within a memory
+    budget (least recently used go).
 
     A document is never changed once written (see above), so what was read
     under an id stays true; one that was deleted since only belonged to a head
@@ -204,19 +221,28 @@ class PackedCache:
     def __init__(self, budget_bytes: int) -> None:
         self._budget = budget_bytes
         self._used = 0
-        self._kept: OrderedDict[str, Packed] = OrderedDict()
+        self._kept: OrderedDict[str, Packed | BucketIndex] = OrderedDict()
 
-    def get(self, doc_id: str) -> Packed | None:
+    def packed(self, doc_id: str) -> Packed | None:
+        found = self._get(doc_id)
+        return found if isinstance(found, Packed) else None
+
+    def index(self, doc_id: str) -> BucketIndex | None:
+        found = self._get(doc_id)
+        return found if isinstance(found, BucketIndex) else None
+
+    def _get(self, doc_id: str) -> Packed | BucketIndex | None:
         found = self._kept.get(doc_id)
         if found is not None:
             self._kept.move_to_end(doc_id)
         return found
 
-    def keep(self, doc_id: str, packed: Packed) -> None:
-        if doc_id in self._kept or packed.size() > self._budget:
+    def keep(self, doc_id: str, document: Packed | BucketIndex) -> None:
+        size = document.size()
+        if doc_id in self._kept or size > self._budget:
             return
-        self._kept[doc_id] = packed
-        self._used += packed.size()
+        self._kept[doc_id] = document
+        self._used += size
         while self._used > self._budget:
             _, dropped = self._kept.popitem(last=False)
             self._used -= dropped.size()

@@ -54,7 +54,7 @@ from core.buckets import (
 from core.connections import REDIS_ERRORS, Redis
 from core.events import is_account_id
 from core.metrics import Live
-from core.rollup_docs import Head, PackedCache, load_index, read_head, read_packed
+from core.rollup_docs import Head, KeptDocuments, load_index, read_head, read_packed
 from core.settings import Settings
 from core.store import Database
 from core.tail import TailEntry, last_ids, read_tails, redis_time_ms
@@ -117,11 +117,11 @@ def iso(epoch_ms: int) -> str:
 
 
 async def _packed(
-    db: Database, kind: Any, doc_id: str | None, reads: Reads, docs: PackedCache | None
+    db: Database, kind: Any, doc_id: str | None, reads: Reads, docs: KeptDocuments | None
 ) -> Packed:
     if doc_id is None:
         return Packed.empty()
-    found = docs.get(doc_id) if docs is not None else None
+    found = docs.packed(doc_id) if docs is not None else None
     if found is not None:
         return found
     reads.documents += 1
@@ -133,8 +133,16 @@ async def _packed(
     return found
 
 
+async def _with_index(db: Database, head: Head, reads: Reads, docs: KeptDocuments | None) -> None:
+    """Fill in the head's bucket lists, from memory when this worker read them before."""
+    if head.index is not None and (docs is None or docs.index(head.index) is None):
+        reads.documents += 1
+    if not await load_index(db, head, docs):
+        raise Raced("the head's bucket index was superseded")
+
+
 async def _left(
-    db: Database, head: Head, window: str, minute: int, reads: Reads, docs: PackedCache | None
+    db: Database, head: Head, window: str, minute: int, reads: Reads, docs: KeptDocuments | None
 ) -> Counts:
     """Buckets that left the window between the head's minute and ``minute``."""
     assert head.minute is not None
@@ -214,13 +222,13 @@ class WorkerMemory:
     """What one HTTP worker keeps between summaries (see ``service/live_tail.py``)."""
 
     tails: RunningTails
-    docs: PackedCache | None  # None: every rollup document is read from the store
+    docs: KeptDocuments | None  # None: every rollup document is read from the store
     in_flight: SingleFlight
 
     @classmethod
     def for_settings(cls, settings: Settings) -> WorkerMemory:
         budget = settings.summary_memory_mb * 2**20
-        return cls(RunningTails(), PackedCache(budget) if budget else None, SingleFlight())
+        return cls(RunningTails(), KeptDocuments(budget) if budget else None, SingleFlight())
 
 
 async def read_tail(
@@ -275,9 +283,7 @@ async def figures_at(
     base = await _packed(db, "window", window_doc, figures.reads, docs)
     left = Counts()
     if head is not None and head.minute is not None and head.minute < minute:
-        if not await load_index(db, head):
-            raise Raced("the head's bucket index was superseded")
-        figures.reads.documents += 1
+        await _with_index(db, head, figures.reads, docs)
         left = await _left(db, head, window, minute, figures.reads, docs)
     figures.reads.tail_events = tail.events_read
     combine(figures, base, tail.counts, left)

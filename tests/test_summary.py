@@ -313,6 +313,30 @@ async def test_a_summary_reads_the_head_copy_with_the_tail_and_nothing_from_the_
     assert reads == [1, 0, 1, 1]
 
 
+async def test_a_worker_reads_a_heads_bucket_index_once(app: AppFactory) -> None:
+    """Until the rollup job rolls an account into the current minute, a summary
+    also needs the head's bucket index (which buckets left the window since);
+    a worker keeps it in memory with the other immutable documents."""
+    running = await app(summary_cache_seconds=0)
+    running.start_flusher()
+    account = unique("idx")
+    now = datetime.now(UTC)
+    events = [make_event(account, i, user=f"u{i % 3}", ts=now - timedelta(minutes=3))
+              for i in range(10)]  # fmt: skip
+    assert (await running.post(events)).status_code == 202
+    await eventually(drained(running.backends, account, 10), what="stored")
+    roller = Roller(running.db, running.redis, running.settings)
+    assert await roller.roll(account, floor(ms(now), "minute") - MINUTE)  # a minute behind
+    reads = []
+    for _ in range(2):
+        response = await running.client.get(f"/summary/{account}", params={"window": "24h"})
+        got = response.json()
+        start, end = parse_iso(got["from"]), parse_iso(got["to"])
+        assert figures(got) == ground_truth(running.backends.events, account, start, end, 5)
+        reads.append(int(response.headers["x-documents-read"]))
+    assert reads == [2, 0]  # the aggregate and the index, then both from memory
+
+
 def test_rollups_processes_killed_and_running_twice_stay_exact(
     start_service: ServiceFactory,
 ) -> None:
