@@ -15,7 +15,6 @@ printable), so the blob is unambiguous.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import zlib
 from collections.abc import Iterator
@@ -180,7 +179,7 @@ class Packed:
     users_blob: bytes
     user_counts: list[int]
     top: list[tuple[str, int]]
-    _index: UserIndex | None = field(default=None, repr=False, compare=False)
+    _index: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, doc: dict[str, Any]) -> Packed:
@@ -207,25 +206,12 @@ class Packed:
     def unpack(self) -> Counts:
         return Counts(self.total, dict(self.types), self.users())
 
-    def index(self) -> UserIndex:
-        if self._index is None:  # kept: a cached document is asked again and again
-            self._index = UserIndex(self.names(), self.user_counts)
+    def index(self) -> dict[str, int]:
+        """Every user's count, built once: a kept document is asked again and again."""
+        if self._index is None:
+            self._index = self.users()
         return self._index
 
     def size(self) -> int:
         """Roughly the bytes it holds in memory, once its index is built too."""
-        return 2 * len(self.users_blob) + 64 * len(self.user_counts) + 64 * len(self.top) + 512
-
-
-@dataclass
-class UserIndex:
-    """Sorted user ids with their counts: look one up without building a dict."""
-
-    names: list[str]
-    counts: list[int]
-
-    def get(self, user_id: str) -> int:
-        i = bisect.bisect_left(self.names, user_id)
-        if i < len(self.names) and self.names[i] == user_id:
-            return self.counts[i]
-        return 0
+        return 2 * len(self.users_blob) + 160 * len(self.user_counts) + 64 * len(self.top) + 512

@@ -84,7 +84,3 @@ def rollup_schedule(settings: Settings) -> str:
 def rollup_progress(settings: Settings) -> str:
     """The minute the last complete rollover pass rolled every due account to."""
     return f"{settings.mongo_db}:rollups:minute"
-
-
-def summary_cache(settings: Settings, *parts: str) -> str:
-    return ":".join((settings.mongo_db, "summary", *parts))

@@ -119,15 +119,19 @@ async def read_tails(
     """
     after = after or {}
     together = head_key is not None and len(parts) == 1  # one call: the same instant
-    async with client.pipeline(transaction=False) as pipe:
-        for part in parts:
-            newer = after.get(part.index)
-            since = f"({format_id(newer)}" if newer else "-"
-            if together:
-                pipe.eval(_READ, 2, part.tail(account_id), head_key, since)
-            else:
-                pipe.eval(_READ, 1, part.tail(account_id), since)
-        replies = await pipe.execute()
+
+    def since(part: Partition) -> str:
+        newer = after.get(part.index)
+        return f"({format_id(newer)}" if newer else "-"
+
+    if together:
+        [part] = parts
+        replies = [await client.eval(_READ, 2, part.tail(account_id), head_key, since(part))]
+    else:
+        async with client.pipeline(transaction=False) as pipe:
+            for part in parts:
+                pipe.eval(_READ, 1, part.tail(account_id), since(part))
+            replies = await pipe.execute()
     entries: list[TailEntry] = []
     for part, reply in zip(parts, replies, strict=True):
         entries.extend(parse_entries(part.index, reply[1]))

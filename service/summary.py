@@ -31,6 +31,8 @@ call and no store read at all; uncached, it reads one aggregate (~50 KB with
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +67,7 @@ from service.live_tail import Basis, Running, RunningTails
 T = TypeVar("T")
 
 MAX_TOP = 100
+KEPT_ANSWERS = 10_000  # per worker
 ATTEMPTS = 20  # a read that raced a rollover is simply redone
 _encode = msgspec.json.Encoder().encode
 
@@ -169,13 +172,14 @@ def combine(figures: Figures, base: Packed, extra: Counts, left: Counts) -> None
     if not extra.users and not left.users:
         figures.unique_users, figures.top = base.unique_users, base.top
         return
-    # only the users the tail or the left buckets touch change: look them up
-    # in the aggregate instead of unpacking all of its users
+    # only the users the tail or the left buckets touch change: look them up in
+    # the aggregate's user counts (built once per kept document) and rank them
+    # with its top 100 instead of ranking every user
     index = base.index()
     candidates = dict(base.top)
     unique = base.unique_users
     for user in set(extra.users) | set(left.users):
-        before = index.get(user)
+        before = index.get(user, 0)
         after = before - left.users.get(user, 0) + extra.users.get(user, 0)
         unique += (after > 0) - (before > 0)
         if after:
@@ -184,7 +188,7 @@ def combine(figures: Figures, base: Packed, extra: Counts, left: Counts) -> None
             candidates.pop(user, None)
     figures.unique_users = unique
     if base.unique_users > len(base.top) and _top_may_be_elsewhere(base, candidates):
-        users = base.users()
+        users = dict(index)
         for user, n in candidates.items():
             users[user] = n
         for user in left.users:
@@ -217,18 +221,52 @@ class Snapshot:
     head: Head | None = None  # the head's copy read with the tail; None: read the store
 
 
+class Answers:
+    """Encoded answers by cache key (which includes ``top``), each kept for
+    ``SUMMARY_CACHE_SECONDS``, in one worker's memory (least recently kept go).
+
+    A key names the minute and the tail's newest entries, so while no event is
+    stored a repeated question is answered without reading anything more.
+    """
+
+    def __init__(self, seconds: float, limit: int = KEPT_ANSWERS) -> None:
+        self._seconds, self._limit = seconds, limit
+        self._kept: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        found = self._kept.get(key)
+        if found is None or found[0] <= time.monotonic():
+            return None
+        return found[1]
+
+    def keep(self, key: str, body: bytes) -> None:
+        if self._seconds <= 0:
+            return
+        now = time.monotonic()
+        self._kept[key] = (now + self._seconds, body)
+        self._kept.move_to_end(key)
+        # every answer lives as long: the oldest kept expire first
+        while self._kept and (len(self._kept) > self._limit or self._oldest_expiry() <= now):
+            self._kept.popitem(last=False)
+
+    def _oldest_expiry(self) -> float:
+        return next(iter(self._kept.values()))[0]
+
+
 @dataclass
 class WorkerMemory:
     """What one HTTP worker keeps between summaries (see ``service/live_tail.py``)."""
 
     tails: RunningTails
     docs: KeptDocuments | None  # None: every rollup document is read from the store
+    answers: Answers
     in_flight: SingleFlight
 
     @classmethod
     def for_settings(cls, settings: Settings) -> WorkerMemory:
         budget = settings.summary_memory_mb * 2**20
-        return cls(RunningTails(), KeptDocuments(budget) if budget else None, SingleFlight())
+        docs = KeptDocuments(budget) if budget else None
+        return cls(RunningTails(), docs, Answers(settings.summary_cache_seconds), SingleFlight())
 
 
 async def read_tail(
@@ -247,7 +285,7 @@ async def read_tail(
     # rollups did meanwhile: a new stored event always changes the key
     newest = last_ids(read.entries, after)
     tails = ",".join(f"{p}:{i[0]}-{i[1]}" for p, i in sorted(newest.items()))
-    key = keys.summary_cache(settings, account, window, str(floor(read.to, "minute")), tails or "-")
+    key = f"{account}:{window}:{floor(read.to, 'minute')}:{tails or '-'}"
     head = Head.from_copy(read.head) if read.head is not None else None
     return Snapshot(read.to, read.entries, key, previous, head)
 
@@ -298,7 +336,7 @@ async def compute(
     settings: Settings,
     account: str,
     window: str,
-    cached: Callable[[str], Awaitable[bytes | None]] | None = None,
+    cached: Callable[[str], bytes | None] | None = None,
     memory: WorkerMemory | None = None,
 ) -> tuple[Figures | bytes, str]:
     """The window's figures (or a cached answer for them), and their cache key."""
@@ -310,7 +348,7 @@ async def compute(
         # (say the store was restored from a backup) cannot make every try race
         with_head = tries == 1
         snapshot = await read_tail(redis, settings, account, window, previous, with_head)
-        if cached is not None and (hit := await cached(snapshot.cache_key)) is not None:
+        if cached is not None and (hit := cached(snapshot.cache_key)) is not None:
             return hit, snapshot.cache_key
         return await figures_at(db, snapshot, account, window, memory), snapshot.cache_key
 
@@ -386,8 +424,8 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
     db, redis = request.app.ctx.db, request.app.ctx.redis
     memory: WorkerMemory = request.app.ctx.summary_memory
 
-    async def cached(key: str) -> bytes | None:
-        return await _cache_get(redis, f"{key}:{top}")
+    def cached(key: str) -> bytes | None:
+        return memory.answers.get(f"{key}:{top}")
 
     async def answer() -> tuple[Figures | bytes, str]:
         return await compute(db, redis, settings, account, window, cached, memory)
@@ -398,7 +436,7 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
     if isinstance(found, bytes):
         return HTTPResponse(found, content_type="application/json", headers={"X-Cache": "hit"})
     encoded = _encode(found.body(top))
-    await _cache_set(redis, f"{key}:{top}", encoded, settings.summary_cache_seconds)
+    memory.answers.keep(f"{key}:{top}", encoded)
     headers = {
         "X-Cache": "miss",
         "X-Documents-Read": str(found.reads.documents),
@@ -437,23 +475,6 @@ class SingleFlight:
             return result
         finally:
             del self._running[key]
-
-
-async def _cache_get(redis: Redis, key: str) -> bytes | None:
-    try:
-        value = await redis.get(key)
-    except REDIS_ERRORS:
-        return None  # the cache is an optimisation
-    return value if isinstance(value, bytes) else None
-
-
-async def _cache_set(redis: Redis, key: str, value: bytes, seconds: int) -> None:
-    if seconds <= 0:
-        return
-    try:
-        await redis.set(key, value, ex=seconds)
-    except REDIS_ERRORS:
-        return
 
 
 async def rollup_figures(request: Request) -> dict[str, Live]:
