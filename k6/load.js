@@ -14,9 +14,9 @@ export const options = {
     { duration: seconds(10), target: 0 },
   ],
   systemTags: ["status", "method", "name", "scenario", "expected_response"],
-  // one threshold per endpoint, so a report says which one missed: on FerretDB
-  // every uncached summary scans whole collections (docs/OPERATIONS.md, Known
-  // limits) and GET /summary misses p95 < 100 ms under this load
+  // one threshold per endpoint, so a report says which one missed. Closed loop:
+  // 100 VUs with no pause keep the machine saturated, so these hold only while
+  // the service's CPU per iteration stays low (k6 itself takes about half of 2 cores)
   thresholds: {
     "http_req_duration{name:POST /events}": ["p(95)<100"],
     "http_req_duration{name:GET /summary}": [`p(95)<${__ENV.SUMMARY_P95_MS || "100"}`],
