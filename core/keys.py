@@ -84,3 +84,8 @@ def rollup_schedule(settings: Settings) -> str:
 def rollup_progress(settings: Settings) -> str:
     """The minute the last complete rollover pass rolled every due account to."""
     return f"{settings.mongo_db}:rollups:minute"
+
+
+def summary_cache(settings: Settings, answer: str) -> str:
+    """A cached summary answer (``answer`` names the account, window, minute, tail and top)."""
+    return f"{settings.mongo_db}:summary:{answer}"

@@ -226,7 +226,10 @@ class Answers:
     ``SUMMARY_CACHE_SECONDS``, in one worker's memory (least recently kept go).
 
     A key names the minute and the tail's newest entries, so while no event is
-    stored a repeated question is answered without reading anything more.
+    stored a repeated question is answered without reading anything more. The
+    same answers go to Redis for the workers that hold no running count of the
+    account yet (another host, a restarted worker): only those ask Redis, as the
+    others count just the few entries stored since their last summary.
     """
 
     def __init__(self, seconds: float, limit: int = KEPT_ANSWERS) -> None:
@@ -336,7 +339,7 @@ async def compute(
     settings: Settings,
     account: str,
     window: str,
-    cached: Callable[[str], bytes | None] | None = None,
+    cached: Callable[[str, bool], Awaitable[bytes | None]] | None = None,
     memory: WorkerMemory | None = None,
 ) -> tuple[Figures | bytes, str]:
     """The window's figures (or a cached answer for them), and their cache key."""
@@ -348,7 +351,8 @@ async def compute(
         # (say the store was restored from a backup) cannot make every try race
         with_head = tries == 1
         snapshot = await read_tail(redis, settings, account, window, previous, with_head)
-        if cached is not None and (hit := cached(snapshot.cache_key)) is not None:
+        cold = previous is None  # no running count here: the whole tail would be counted
+        if cached is not None and (hit := await cached(snapshot.cache_key, cold)) is not None:
             return hit, snapshot.cache_key
         return await figures_at(db, snapshot, account, window, memory), snapshot.cache_key
 
@@ -424,8 +428,14 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
     db, redis = request.app.ctx.db, request.app.ctx.redis
     memory: WorkerMemory = request.app.ctx.summary_memory
 
-    def cached(key: str) -> bytes | None:
-        return memory.answers.get(f"{key}:{top}")
+    def answer_key(key: str) -> str:
+        return f"{key}:{top}"
+
+    async def cached(key: str, cold: bool) -> bytes | None:
+        found = memory.answers.get(answer_key(key))
+        if found is None and cold:  # another worker or host may have answered it
+            found = await _cache_get(redis, settings, answer_key(key))
+        return found
 
     async def answer() -> tuple[Figures | bytes, str]:
         return await compute(db, redis, settings, account, window, cached, memory)
@@ -436,7 +446,8 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
     if isinstance(found, bytes):
         return HTTPResponse(found, content_type="application/json", headers={"X-Cache": "hit"})
     encoded = _encode(found.body(top))
-    memory.answers.keep(f"{key}:{top}", encoded)
+    memory.answers.keep(answer_key(key), encoded)
+    await _cache_set(redis, settings, answer_key(key), encoded)
     headers = {
         "X-Cache": "miss",
         "X-Documents-Read": str(found.reads.documents),
@@ -475,6 +486,25 @@ class SingleFlight:
             return result
         finally:
             del self._running[key]
+
+
+async def _cache_get(redis: Redis, settings: Settings, key: str) -> bytes | None:
+    if settings.summary_cache_seconds <= 0:
+        return None
+    try:
+        value = await redis.get(keys.summary_cache(settings, key))
+    except REDIS_ERRORS:
+        return None  # the cache is an optimisation
+    return value if isinstance(value, bytes) else None
+
+
+async def _cache_set(redis: Redis, settings: Settings, key: str, value: bytes) -> None:
+    if settings.summary_cache_seconds <= 0:
+        return
+    try:
+        await redis.set(keys.summary_cache(settings, key), value, ex=settings.summary_cache_seconds)
+    except REDIS_ERRORS:
+        return
 
 
 async def rollup_figures(request: Request) -> dict[str, Live]:

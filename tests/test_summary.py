@@ -205,6 +205,32 @@ async def test_cached_answers_never_hide_a_newly_stored_event(app: AppFactory) -
     assert fresh.json()["total"] == 1, "the cache must be keyed by what is stored"
 
 
+async def test_a_worker_new_to_an_account_finds_another_workers_answer_in_redis(
+    app: AppFactory,
+) -> None:
+    """Answers are cached in Redis too: a worker (or host) that holds no count of the
+    account yet takes another's answer instead of counting the whole tail."""
+    first = await app(summary_cache_seconds=60)
+    second = await app(summary_cache_seconds=60, mongo_db=first.settings.mongo_db,
+                       stream_key=first.settings.stream_key)  # fmt: skip
+    first.start_flusher()
+
+    async def shared() -> bool:  # the minute may turn between the two requests
+        account = unique("shared")
+        assert (await first.post([make_event(account, 0)])).status_code == 202
+        await eventually(drained(first.backends, account, 1), what="stored")
+        a = await first.client.get(f"/summary/{account}")
+        b = await second.client.get(f"/summary/{account}")
+        assert a.json()["total"] == 1
+        return (
+            a.headers["x-cache"] == "miss"
+            and b.headers["x-cache"] == "hit"
+            and a.content == b.content
+        )
+
+    await eventually(shared, 30, what="the second worker answered from Redis")
+
+
 async def test_a_worker_reads_only_the_tail_stored_since_its_last_summary(
     app: AppFactory,
 ) -> None:
