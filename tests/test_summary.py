@@ -205,6 +205,19 @@ async def test_cached_answers_never_hide_a_newly_stored_event(app: AppFactory) -
     assert fresh.json()["total"] == 1, "the cache must be keyed by what is stored"
 
 
+async def exact_summary(running: Running, account: str, window: str) -> httpx.Response:
+    """GET /summary, asserting its figures equal the raw events' over the range it reports."""
+    response = await running.client.get(f"/summary/{account}", params={"window": window})
+    got = response.json()
+    start, end = parse_iso(got["from"]), parse_iso(got["to"])
+    assert figures(got) == ground_truth(running.backends.events, account, start, end, 5)
+    return response
+
+
+def minute_of_to(response: httpx.Response) -> int:
+    return floor(ms(parse_iso(response.json()["to"])), "minute")
+
+
 async def test_a_worker_new_to_an_account_finds_another_workers_answer_in_redis(
     app: AppFactory,
 ) -> None:
@@ -250,11 +263,8 @@ async def test_a_worker_reads_only_the_tail_stored_since_its_last_summary(
 
     async def summary(account: str) -> tuple[int, int]:
         """Tail events read, and the minute of `to`; the figures must be exact."""
-        response = await running.client.get(f"/summary/{account}", params={"window": "1h"})
-        got = response.json()
-        start, end = parse_iso(got["from"]), parse_iso(got["to"])
-        assert figures(got) == ground_truth(running.backends.events, account, start, end, 5)
-        return int(response.headers["x-tail-events-read"]), floor(ms(end), "minute")
+        response = await exact_summary(running, account, "1h")
+        return int(response.headers["x-tail-events-read"]), minute_of_to(response)
 
     async def within_one_minute() -> list[int] | None:
         account = unique("inc")
@@ -294,11 +304,8 @@ async def test_a_summary_reads_the_head_copy_with_the_tail_and_nothing_from_the_
 
     async def summary(account: str) -> tuple[int, int]:
         """Store documents read, and the minute of `to`; the figures must be exact."""
-        response = await running.client.get(f"/summary/{account}", params={"window": "24h"})
-        got = response.json()
-        start, end = parse_iso(got["from"]), parse_iso(got["to"])
-        assert figures(got) == ground_truth(running.backends.events, account, start, end, 5)
-        return int(response.headers["x-documents-read"]), floor(ms(end), "minute")
+        response = await exact_summary(running, account, "24h")
+        return int(response.headers["x-documents-read"]), minute_of_to(response)
 
     async def kept_version() -> int:
         return int(await running.redis.hget(copy_key, "v") or 0)
@@ -355,10 +362,7 @@ async def test_a_worker_reads_a_heads_bucket_index_once(app: AppFactory) -> None
     assert await roller.roll(account, floor(ms(now), "minute") - MINUTE)  # a minute behind
     reads = []
     for _ in range(2):
-        response = await running.client.get(f"/summary/{account}", params={"window": "24h"})
-        got = response.json()
-        start, end = parse_iso(got["from"]), parse_iso(got["to"])
-        assert figures(got) == ground_truth(running.backends.events, account, start, end, 5)
+        response = await exact_summary(running, account, "24h")
         reads.append(int(response.headers["x-documents-read"]))
     assert reads == [2, 0]  # the aggregate and the index, then both from memory
 
