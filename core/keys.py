@@ -72,6 +72,11 @@ def partition_of(settings: Settings, account_id: str) -> Partition:
     return Partition(index, f"{settings.stream_key}:{index}")
 
 
+def head_copy(settings: Settings, account_id: str) -> str:
+    """The Redis copy of an account's rollup head: in its partition, beside its tail."""
+    return partition_of(settings, account_id).head(account_id)
+
+
 def lease(settings: Settings) -> str:
     return f"{settings.mongo_db}:rollups:lease"
 

@@ -359,8 +359,8 @@ class Roller:
             await self._discard(docs)
             raise HeadConflict(new.account_id) from None
         # before the tail is trimmed: a reader of the copy and the tail misses nothing
-        home = keys.partition_of(self.settings, new.account_id)
-        await self._keep_head(keys=[home.head(new.account_id)], args=[new.version, new.copy()])
+        copy_key = keys.head_copy(self.settings, new.account_id)
+        await self._keep_head(keys=[copy_key], args=[new.version, new.copy()])
         if old.version:
             await heads.delete_one({"_id": head_id(old.account_id, old.version)})
 

@@ -420,6 +420,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def summary_latencies(
+    env: dict[str, str],
+    work: Path,
+    args: argparse.Namespace,
+    results: Results,
+    sizes: Sequence[int],
+    windows: Sequence[str],
+    variant: str = "",
+    label: str = "",
+) -> None:
+    """Start the service with ``env`` and record p50/p99 of each window for each seeded
+    account, under ``{size}:{window}[:{variant}]``."""
+    service = Service(env, workers=1)
+    try:
+        service.start(work)
+        for size in sizes:
+            measured = latencies(service.url, f"acc_{size}", windows, args.summary_repeat)
+            for window, runs in measured.items():
+                key = f"{size}:{window}" + (f":{variant}" if variant else "")
+                p50, p99 = percentile(runs, 0.5), percentile(runs, 0.99)
+                results.summary[f"{key}:p50"], results.summary[f"{key}:p99"] = p50, p99
+                print(f"[bench] summary {window} at {size:,} events{label}: p50 "
+                      f"{p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms", flush=True)  # fmt: skip
+    finally:
+        service.stop()
+
+
 def bench_summary(stack: Stack, work: Path, args: argparse.Namespace, results: Results) -> None:
     rng = random.Random(5)
     # the rollups process runs as in production: it rolls each account once a minute,
@@ -434,32 +461,10 @@ def bench_summary(stack: Stack, work: Path, args: argparse.Namespace, results: R
         uvloop.run(seed_account(settings, f"acc_{size}", size, rng))
         print(f"[bench] seeded and rolled up {size:,} events in "
               f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
-    service = Service(env, workers=1)
-    try:
-        service.start(work)
-        for size in sizes:
-            measured = latencies(service.url, f"acc_{size}", SUMMARY_WINDOWS, args.summary_repeat)
-            for window, runs in measured.items():
-                results.summary[f"{size}:{window}:p50"] = percentile(runs, 0.5)
-                results.summary[f"{size}:{window}:p99"] = percentile(runs, 0.99)
-                print(f"[bench] summary {window} at {size:,} events: p50 "
-                      f"{percentile(runs, 0.5) * 1e3:.1f} ms, p99 "
-                      f"{percentile(runs, 0.99) * 1e3:.1f} ms", flush=True)  # fmt: skip
-    finally:
-        service.stop()
+    summary_latencies(env, work, args, results, sizes, SUMMARY_WINDOWS)
     # the same with nothing kept in the worker: every rollup document from the store
-    service = Service({**env, "SUMMARY_MEMORY_MB": "0"}, workers=1)
-    try:
-        service.start(work)
-        size = sizes[-1]
-        runs = latencies(service.url, f"acc_{size}", ["24h"], args.summary_repeat)["24h"]
-        results.summary[f"{size}:24h:unkept:p50"] = percentile(runs, 0.5)
-        results.summary[f"{size}:24h:unkept:p99"] = percentile(runs, 0.99)
-        print(f"[bench] summary 24h at {size:,} events, SUMMARY_MEMORY_MB=0: p50 "
-              f"{percentile(runs, 0.5) * 1e3:.1f} ms, p99 "
-              f"{percentile(runs, 0.99) * 1e3:.1f} ms", flush=True)  # fmt: skip
-    finally:
-        service.stop()
+    summary_latencies({**env, "SUMMARY_MEMORY_MB": "0"}, work, args, results, sizes[-1:],
+                      ["24h"], variant="unkept", label=", SUMMARY_MEMORY_MB=0")  # fmt: skip
     for size in sizes:
         naive = uvloop.run(naive_seconds(settings, f"acc_{size}", DAY))
         results.summary[f"{size}:naive"] = naive

@@ -282,7 +282,7 @@ async def read_tail(
 ) -> Snapshot:
     """The tail (after ``previous``'s entries) and, ``with_head``, the head's Redis copy."""
     after = previous.last if previous is not None else None
-    head_key = keys.partition_of(settings, account).head(account) if with_head else None
+    head_key = keys.head_copy(settings, account) if with_head else None
     read = await read_tails(redis, keys.partitions(settings), account, after, head_key)
     # the same minute and the same tail give the same figures, whatever the
     # rollups did meanwhile: a new stored event always changes the key

@@ -313,7 +313,7 @@ async def test_a_summary_reads_the_head_copy_with_the_tail_and_nothing_from_the_
     async def within_one_minute() -> list[int] | None:
         nonlocal copy_key
         account = unique("copy")
-        copy_key = keys.partition_of(running.settings, account).head(account)
+        copy_key = keys.head_copy(running.settings, account)
         when = datetime.now(UTC) - timedelta(minutes=2)
         batch = [make_event(account, i, user=f"u{i % 4}", ts=when) for i in range(20)]
         assert (await running.post(batch)).status_code == 202
