@@ -24,6 +24,7 @@ from setproctitle import setproctitle
 
 from core import store
 from core.connections import REDIS_ERRORS, Redis, connect_redis
+from core.lifetime import signal_on_parent_death
 from core.logs import configure_logging
 from core.settings import Settings
 from core.store import Database, Document
@@ -36,6 +37,14 @@ STARTUP_RETRY_SECONDS = 1.0
 
 def set_title(role: str) -> None:
     setproctitle(f"{TITLE_PREFIX}: {role}")
+
+
+def start_process(role: str, log_level: str, title: str = "") -> None:
+    """What every process of the service does first: its title, its logging, and a
+    SIGTERM (a clean stop) when the process that started it dies."""
+    set_title(title or role)
+    configure_logging(role, log_level)
+    signal_on_parent_death(signal.SIGTERM)
 
 
 class Worker(ABC):
@@ -103,8 +112,7 @@ def run_worker(role: str, build: Callable[[], Worker], settings: Settings) -> No
     """Entry point of a managed process: title, logging, uvloop, the lifecycle."""
     import uvloop
 
-    set_title(role)
-    configure_logging(role, settings.log_level)
+    start_process(role, settings.log_level)
 
     async def run() -> None:  # built inside the loop its clients will use
         worker = build()

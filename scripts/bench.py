@@ -36,7 +36,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from core.keys import partitions
 from core.settings import Settings, load_settings
 from core.tail import redis_time_ms
 from rollups.rollover import Roller
-from scripts.stack import ROOT, Stack, ensure_wrk, running_stack
+from scripts.stack import ROOT, Stack, ensure_wrk, running_stack, scratch_dir
 from service.flusher import Flusher
 from tests.harness import Service, cpu_seconds, dev_tool, exit_on_sigterm, service_env
 
@@ -857,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_wrk()
     exit_on_sigterm()
     results = Results(machine=describe_machine())
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, running_stack(
+    with scratch_dir("bench-") as tmp, running_stack(
         Path(tmp) / "var", os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")
     ) as stack:  # fmt: skip
         parts = set(args.only or ("ingest", "flush", "summary", "sustained"))

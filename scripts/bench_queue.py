@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import msgspec
 import redis
 
 from core.events import Event
-from scripts.stack import running_stack
+from scripts.stack import running_stack, scratch_dir
 
 SECONDS = 2.0
 REPEATS = 3
@@ -146,7 +145,7 @@ def table(client: redis.Redis) -> str:
 def main() -> None:
     urls = os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")
     with (
-        tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp,
+        scratch_dir("bench-queue-") as tmp,
         running_stack(Path(tmp), *urls) as stack,
         redis.Redis.from_url(stack.redis_url) as client,
     ):

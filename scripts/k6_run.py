@@ -123,6 +123,7 @@ def mib(n: int) -> str:
 def run(scenario: str, workers: int, extra: list[str], keep: bool) -> int:
     run_id = uuid.uuid4().hex[:8]
     work = Path(tempfile.mkdtemp(prefix=f"k6-{scenario}-"))
+    work.chmod(0o755)  # PostgreSQL runs as its own user: it must reach work/var
     for name, value in SERVICE_DEFAULTS.get(scenario, {}).items():
         os.environ.setdefault(name, value)
     code = 1

@@ -16,13 +16,12 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 from collections import Counter
 from pathlib import Path
 
 from scripts.bench import make_body, wrk_once
-from scripts.stack import ROOT, running_stack
+from scripts.stack import ROOT, running_stack, scratch_dir
 from tests.harness import Service, dev_tool, service_env
 
 LINE_NUMBER = re.compile(r":\d+\)$")
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = ROOT / "var" / f"profile-{args.batch}.txt"
     out.parent.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="profile-") as tmp, running_stack(
+    with scratch_dir("profile-") as tmp, running_stack(
         Path(tmp) / "var", os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")
     ) as stack:  # fmt: skip
         work = Path(tmp)

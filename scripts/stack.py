@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+
+from core.lifetime import signal_on_parent_death
 
 ROOT = Path(__file__).resolve().parent.parent
 FERRETDB_SRC = ROOT / "scripts" / "ferretdb"
@@ -41,6 +45,7 @@ POSTGRES_SETUP = FERRETDB_SRC / "postgresql-setup.sql"
 POSTGRES_USER = "postgres"  # Debian's package creates it; PostgreSQL refuses to run as root
 FERRETDB_DATABASE = "ferretdb"
 START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
 
 
 class StackError(RuntimeError):
@@ -49,6 +54,18 @@ class StackError(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[stack] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary directory the postgres user can reach (``mkdtemp`` makes 0700 ones,
+    and so does pytest), removed afterwards: for tests and benchmarks only."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -160,6 +177,8 @@ class Server:
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"  # the address clients reach it on (and it listens on)
     proc: subprocess.Popen[bytes] | None = None
+    # what stops it cleanly: sent by us, and by the kernel when whoever started it dies
+    stop_signal: int = signal.SIGTERM
 
     def __post_init__(self) -> None:
         # servers change directory (PostgreSQL reads unix_socket_directories relative
@@ -178,19 +197,49 @@ class Server:
     def logfile(self) -> Path:
         return self.data_dir / f"{self.name}.log"
 
+    @property
+    def pidfile(self) -> Path:
+        return self.data_dir / f"{self.name}.pid"
+
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.reclaim()
         out = open(self.logfile, "ab")  # noqa: SIM115 - the child owns it
-        # own session: a Ctrl-C meant for the app must not kill the servers it drains into
+        # own session: a Ctrl-C meant for the app must not kill the servers it drains
+        # into; the parent-death signal: they must not outlive whoever started them
         self.proc = subprocess.Popen(
-            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=partial(signal_on_parent_death, self.stop_signal, os.getpid()),
+        )  # fmt: skip
         out.close()
+        me = os.getpid()
+        self.pidfile.write_text(f"{self.proc.pid} {process_identity(self.proc.pid)} "
+                                f"{me} {process_identity(me)}\n")  # fmt: skip
         _wait_for_port(self.host, self.port, self.proc, self.name, self.logfile)
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def reclaim(self) -> None:
+        """Stop a server an earlier start left running on this data directory (its
+        launcher was killed before it could stop it): two servers must never share it."""
+        try:
+            pid_text, identity, starter_text, starter = self.pidfile.read_text().split()
+            pid, starter_pid = int(pid_text), int(starter_text)
+        except (OSError, ValueError):
+            return
+        if process_identity(pid) != identity:
+            pass  # gone: nothing to stop
+        elif starter_pid != os.getpid() and process_identity(starter_pid) == starter:
+            raise StackError(
+                f"{self.data_dir} is in use: its {self.name} server (pid {pid}) was started by "
+                f"process {starter_pid}, which is still running; stop it first"
+            )
+        else:
+            log(f"stopping the {self.name} server an earlier start left running (pid {pid})")
+            stop_process(pid, self.stop_signal)
+        self.pidfile.unlink(missing_ok=True)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -203,6 +252,39 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+def process_identity(pid: int) -> str:
+    """What tells this process from a later one given the same pid: the boot and the
+    start time; empty when there is no such process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        started = fields[18]
+    except (OSError, IndexError, ValueError):
+        return ""
+    return "" if state == "Z" else f"{boot}:{started}"  # a zombie is dead, only not collected
+
+
+def stop_process(pid: int, signum: int, timeout: float = STOP_TIMEOUT) -> None:
+    """Signal a process that is not our child, wait for it to go, SIGKILL it if it stays."""
+    for sig, wait in ((signum, timeout), (signal.SIGKILL, timeout)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.05)
+    raise StackError(f"process {pid} did not exit on SIGKILL")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie is dead, only not yet collected
 
 
 @dataclass(kw_only=True)
@@ -282,19 +364,27 @@ def running_redis_cluster(var_dir: Path, masters: int = 3) -> Iterator[list[Redi
             node.stop()
 
 
-def _as_postgres_user() -> list[str]:
-    """A command prefix that drops root to the postgres user (exec, no extra process)."""
+def _as_postgres_user(parent_death_signal: int | None = None) -> list[str]:
+    """A command prefix that drops root to the postgres user (exec, no extra process).
+
+    Changing the user clears the parent-death signal, so setpriv sets it again."""
     if os.geteuid() != 0:
         return []
+    death = []
+    if parent_death_signal:
+        death = [f"--pdeathsig={signal.Signals(parent_death_signal).name}"]
     return ["setpriv", f"--reuid={POSTGRES_USER}", f"--regid={POSTGRES_USER}",
-            "--init-groups", "--"]  # fmt: skip
+            "--init-groups", *death, "--"]  # fmt: skip
 
 
-def _reachable_by_postgres(path: Path) -> bool:
-    """Whether every directory above ``path`` lets the postgres user through."""
+def _blocking_parent(path: Path) -> Path | None:
+    """The first directory above ``path`` the postgres user may not pass through."""
     if os.geteuid() != 0:
-        return True
-    return all(p.stat().st_mode & 0o001 for p in path.resolve().parents if p.exists())
+        return None
+    for parent in reversed(path.resolve().parents):
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            return parent
+    return None
 
 
 @dataclass(kw_only=True)
@@ -302,27 +392,47 @@ class PostgresServer(Server):
     """Debian's PostgreSQL, one cluster under ``data_dir``, trust auth on 127.0.0.1 only."""
 
     name: str = "postgres"
-    temporary: bool = False  # data moved to a temp dir, removed by `remove_temporary`
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not _reachable_by_postgres(self.data_dir):
-            # e.g. pytest's 0700 temp dirs: PostgreSQL cannot run as root, and the
-            # postgres user cannot reach a data dir under them
-            self.data_dir = Path(tempfile.mkdtemp(prefix="events-service-postgres-"))
-            self.data_dir.chmod(0o755)
-            self.temporary = True
-
-    def remove_temporary(self) -> None:
-        if self.temporary:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+    stop_signal: int = signal.SIGINT  # "fast" shutdown: does not wait for clients
 
     @property
     def cluster(self) -> Path:
         return self.data_dir / "cluster"
 
+    def _check_reachable(self) -> None:
+        """PostgreSQL refuses to run as root, and the postgres user must reach its data
+        where the user asked for it: anywhere else it would not survive a restart."""
+        blocked = _blocking_parent(self.data_dir)
+        if blocked is None:
+            return
+        raise StackError(
+            f"PostgreSQL runs as the {POSTGRES_USER} user, which may not enter {blocked} "
+            f"(mode {blocked.stat().st_mode & 0o777:o}), so it cannot keep its data in "
+            f"{self.data_dir}. Set VAR_DIR to a directory outside it (e.g. "
+            f"VAR_DIR=/var/lib/events-service), or let it through with `chmod o+x {blocked}`, "
+            "or set MONGO_URL to a MongoDB of your own."
+        )
+
+    def reclaim(self) -> None:
+        """Also clear PostgreSQL's own lock: a postmaster left running on this cluster is
+        stopped; a lock naming a live process that is not one (its pid reused after a
+        crash) is removed, since PostgreSQL would refuse to start over it."""
+        super().reclaim()
+        lock = self.cluster / "postmaster.pid"
+        try:
+            pid = int(lock.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            return  # no lock, or its process is gone: PostgreSQL handles that itself
+        if str(self.cluster).encode() in cmdline and _alive(pid):
+            log(f"stopping the PostgreSQL server an earlier start left running (pid {pid})")
+            stop_process(pid, self.stop_signal)
+        elif pid != os.getpid():
+            log(f"removing a stale PostgreSQL lock (pid {pid} is another program now)")
+            lock.unlink(missing_ok=True)
+
     def _prepare(self) -> None:
         bindir = postgres_bin_dir()
+        self._check_reachable()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.data_dir, POSTGRES_USER, POSTGRES_USER)
@@ -337,7 +447,7 @@ class PostgresServer(Server):
     def command(self) -> list[str]:
         bindir = postgres_bin_dir()
         return [
-            *_as_postgres_user(), str(bindir / "postgres"), "-D", str(self.cluster),
+            *_as_postgres_user(self.stop_signal), str(bindir / "postgres"), "-D", str(self.cluster),
             "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
             "-c", f"unix_socket_directories={self.cluster}",
             # durability as shipped (fsync, synchronous_commit on): a 202 must
@@ -376,11 +486,6 @@ class PostgresServer(Server):
         )
         self._psql("-f", "-", script=create)
         self._psql("-f", str(POSTGRES_SETUP), database=FERRETDB_DATABASE)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown: does not wait for clients
-        super().stop(timeout)
 
     @property
     def url(self) -> str:
@@ -453,24 +558,49 @@ def running_stack(
         for server in (redis, mongo, postgres):
             if server:
                 server.stop()
-        if postgres:
-            postgres.remove_temporary()
 
 
 def exec_with_stack(command: Sequence[str]) -> int:
+    """Start the servers, run ``command`` (the service), stop the servers when it ends.
+
+    The service runs in a session of its own, so a Ctrl-C or a SIGTERM to ``make
+    run``'s process group reaches it once, from here, and never twice (Sanic
+    answers a second signal by SIGKILLing its whole process group). It gets
+    SIGTERM when this process dies, whatever kills it, and so do the servers.
+    """
     from core.settings import load_settings
 
     settings = load_settings()
+    # past its own shutdown grace (and the watchdog's safety net), the service is killed
+    give_up_after = settings.shutdown_grace_seconds + 30
     with running_stack(settings.var_dir, settings.redis_url, settings.mongo_url) as stack:
-        child = subprocess.Popen(list(command), env={**os.environ, **stack.env()})
-
-        def forward(signum: int, _frame: object) -> None:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-        signal.signal(signal.SIGINT, forward)
-        signal.signal(signal.SIGTERM, forward)
-        code = child.wait()
+        child = subprocess.Popen(
+            list(command), env={**os.environ, **stack.env()}, start_new_session=True,
+            preexec_fn=partial(signal_on_parent_death, signal.SIGTERM, os.getpid()),
+        )  # fmt: skip
+        # the handler only records: it may run again inside itself (a second signal
+        # between two bytecodes), so the stop is sent once, from the loop below
+        heard: list[int] = []
+        signal.signal(signal.SIGINT, lambda signum, _frame: heard.append(signum))
+        signal.signal(signal.SIGTERM, lambda signum, _frame: heard.append(signum))
+        stop_asked: list[float] = []
+        while True:
+            try:
+                code = child.wait(0.1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if heard and not stop_asked:
+                stop_asked.append(time.monotonic())
+                log(f"{signal.Signals(heard[0]).name}: stopping (what is queued stays in Redis)")
+                child.send_signal(signal.SIGTERM)
+            elif stop_asked and time.monotonic() - stop_asked[0] > give_up_after:
+                log(f"{command[0]} still running {give_up_after:.0f}s after the stop; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+        if stop_asked and code in (0, -signal.SIGTERM):
+            log("stopped; stopping servers")
+            return 0
         log(f"{command[0]} exited with {code}; stopping servers")
         return code
 

@@ -19,10 +19,9 @@ from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 from core import store
 from core.connections import connect_redis
 from core.events import batch_schema
-from core.logs import configure_logging
 from core.metrics import export_metrics_dir
 from core.settings import Settings, load_settings
-from core.worker import set_title
+from core.worker import start_process
 from rollups.scheduler import rollups_process
 from service import errors, ops, sdks
 from service.dashboard import get_dashboard
@@ -49,6 +48,7 @@ def build_app(settings: Settings) -> App:
     app.config.REQUEST_MAX_SIZE = settings.max_body_bytes
     app.config.ACCESS_LOG = False
     app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_grace_seconds
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.OAS_URL_PREFIX = "/docs"
     app.ctx.settings = settings
@@ -148,13 +148,19 @@ def _add_ops_routes(app: App) -> None:
 def _add_listeners(app: App, settings: Settings) -> None:
     @app.before_server_start
     async def connect(app: App) -> None:
-        set_title("http worker")
-        configure_logging("http", settings.log_level)
+        start_process("http", settings.log_level, title="http worker")
         app.ctx.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         app.ctx.producer = Producer(app.ctx.redis, settings)
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
         app.ctx.summary_memory = WorkerMemory.for_settings(settings)
+
+    @app.before_server_stop
+    async def close_connections_when_done(app: App) -> None:
+        # Sanic waits for busy keep-alive connections to go idle, which a client
+        # sending steadily never does: it stopped only at the graceful timeout, with a
+        # traceback. Each connection now closes after its next answer.
+        app.config.KEEP_ALIVE = False
 
     @app.after_server_stop
     async def disconnect(app: App) -> None:
@@ -163,8 +169,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
 
     @app.main_process_start
     async def title_main(app: App) -> None:
-        set_title("main")
-        configure_logging("main", settings.log_level)
+        start_process("main", settings.log_level)
 
     @app.main_process_ready
     async def start_processes(app: App) -> None:

@@ -26,18 +26,19 @@ import pytest
 from sanic import Sanic
 
 from core.settings import Settings, load_settings
-from scripts.stack import Stack, free_port, running_stack
+from scripts.stack import Stack, free_port, running_stack, scratch_dir
 from service.app import build_app
 from service.flusher import Flusher
 from tests.support import Backends, Service, service_env, unique
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    var_dir = tmp_path_factory.mktemp("stack")
-    with running_stack(
-        var_dir, os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")
-    ) as started:
+def stack() -> Iterator[Stack]:
+    with (
+        scratch_dir("events-test-stack-") as var_dir,
+        running_stack(var_dir, os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", ""))
+        as started,
+    ):  # fmt: skip
         yield started
 
 
@@ -178,9 +179,9 @@ def service(start_service: ServiceFactory) -> tuple[Service, Backends]:
 
 
 @pytest.fixture
-def own_stack(tmp_path: Path) -> Iterator[Stack]:
+def own_stack() -> Iterator[Stack]:
     """Servers this test alone controls (to stop, kill and restart them)."""
-    with running_stack(tmp_path / "servers") as started:
+    with scratch_dir("events-test-servers-") as var_dir, running_stack(var_dir) as started:
         yield started
 
 

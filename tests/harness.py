@@ -8,6 +8,7 @@ titles, SIGKILL tests and CPU/memory accounting).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -74,6 +75,15 @@ def dev_tool(name: str) -> str:
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit, so `finally` blocks stop what a script started."""
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
+
+
+def json_lines(path: Path) -> list[Any]:
+    """The whole lines of a JSON-lines file another process may be writing: a last line
+    without its newline is still being written, and is left for the next read."""
+    if not path.exists():
+        return []
+    complete, _, _partial = path.read_bytes().rpartition(b"\n")
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
 
 def unique(prefix: str) -> str:

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from scripts.stack import ROOT
-from tests.harness import unique
+from scripts.stack import ROOT, scratch_dir
+from tests.harness import json_lines, unique
 from tests.netns import Host, can_make_namespaces, hosts
 
 CLAIM_IDLE_MS = 3000
@@ -48,6 +48,12 @@ def network() -> Iterator[dict[str, Host]]:
         yield made
 
 
+@pytest.fixture
+def store_dir() -> Iterator[Path]:
+    with scratch_dir("two-hosts-store-") as path:
+        yield path
+
+
 def start(host: Host, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     out = log.open("ab")
     proc = subprocess.Popen(
@@ -68,12 +74,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def test_two_hosts_one_killed_whole_nothing_lost(network: dict[str, Host], tmp_path: Path) -> None:
+def test_two_hosts_one_killed_whole_nothing_lost(
+    network: dict[str, Host], tmp_path: Path, store_dir: Path
+) -> None:
     store_log = tmp_path / "store.log"
     store = subprocess.Popen(
         network["store"].command(sys.executable, "-m", "scripts.stack", "serve",
                                  "--host", network["store"].address,
-                                 "--var-dir", str(tmp_path / "store")),
+                                 "--var-dir", str(store_dir)),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=store_log.open("ab"), start_new_session=True,
     )  # fmt: skip
     processes: list[subprocess.Popen[bytes]] = [store]
@@ -107,9 +115,7 @@ def test_two_hosts_one_killed_whole_nothing_lost(network: dict[str, Host], tmp_p
         processes.append(driver)
 
         def accepted_from(url: str) -> int:
-            if not log.exists():
-                return 0
-            lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            lines = json_lines(log)
             return sum(1 for b in lines if b["host"] == url and b["outcome"] == "accepted")
 
         deadline = time.monotonic() + 60

@@ -29,6 +29,7 @@ import redis
 
 from core import keys
 from core.settings import load_settings
+from tests.harness import json_lines
 from tests.oracle import figures, ground_truth, parse_iso
 
 BATCH = 20
@@ -102,7 +103,7 @@ def pending(redis_url: str, stream_key: str, prefix: str) -> dict[str, Any]:
 
 
 def verify(args: argparse.Namespace) -> dict[str, Any]:
-    batches = [json.loads(line) for line in Path(args.log).read_text().splitlines()]
+    batches = json_lines(Path(args.log))
     mongo: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(args.mongo, tz_aware=True)
     events = mongo[args.db][keys.EVENTS]
     stored = Counter(d["event_id"] for d in events.find({}, {"event_id": 1}))
