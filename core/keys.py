@@ -21,6 +21,7 @@ MINUTES = "rollup_minutes"  # per-account minute buckets
 HOURS = "rollup_hours"  # per-account hour buckets
 STATE = "rollup_state"  # rollup job state (retention progress)
 BACKFILLS = "rollup_backfills"  # checkpoints of unfinished backfills
+API_KEYS = "api_keys"  # keys as data: hashed, scoped (core/api_keys.py)
 
 GROUP = "flusher"  # the consumer group every flusher joins
 
@@ -94,3 +95,8 @@ def rollup_progress(settings: Settings) -> str:
 def summary_cache(settings: Settings, answer: str) -> str:
     """A cached summary answer (``answer`` names the account, window, minute, tail and top)."""
     return f"{settings.mongo_db}:summary:{answer}"
+
+
+def api_keys_version(settings: Settings) -> str:
+    """Bumped on every change to the stored API keys: workers reload when it moves."""
+    return f"{settings.mongo_db}:api_keys:version"

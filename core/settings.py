@@ -6,13 +6,16 @@ reads ``os.environ``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 ROLES = frozenset({"http", "flusher", "rollups"})
+AUTH_MODES = ("keys", "open")
+KEY_SCOPES = ("write", "read", "admin")
 
 
 class SettingsError(ValueError):
@@ -51,8 +54,15 @@ class Settings:
     retry_after_seconds: int = 1
     # events per second per API key (or client address when keys are off); 0 = off
     rate_limit_events_per_second: int = 0
-    # "key=acc_1|acc_2,key2=*": empty disables authentication
-    api_keys: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # "keys": every data route needs an API key (stored ones, scripts/keys.py, or
+    # API_KEYS); "open": none, the write key / account names the account. Empty: keys
+    # when API_KEYS is set, else open on a loopback HOST, else a refusal to start
+    auth: str = ""
+    # bootstrap keys, "key=acc_1|acc_2,key2=*@admin": key -> (scope, accounts); an
+    # entry without "@scope" may read and write its accounts
+    api_keys: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
+    # how often each HTTP worker asks Redis whether stored keys changed
+    keys_refresh_seconds: float = 0.5
     # flusher
     flushers: int = 1
     flush_batch_size: int = 500
@@ -92,26 +102,25 @@ class Settings:
     def runs(self, role: str) -> bool:
         return role in self.roles
 
-    def api_key_allows(self, key: str | None, account_id: str) -> bool | None:
-        """None: unknown key; otherwise whether the key may act for the account."""
-        if key is None or key not in self.api_keys:
-            return None
-        allowed = self.api_keys[key]
-        return "*" in allowed or account_id in allowed
+    @property
+    def keys_required(self) -> bool:
+        return self.auth == "keys"
 
 
 ENV_NAMES: dict[str, str] = {f.name: f.name.upper() for f in fields(Settings)}
 
 
-def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
-    keys: dict[str, frozenset[str]] = {}
+def parse_api_keys(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    keys: dict[str, tuple[str, frozenset[str]]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, accounts = item.partition("=")
-        if not sep or not key or not accounts:
+        key, sep, grant = item.partition("=")
+        accounts, at, scope = grant.partition("@")
+        if not sep or not key or not accounts or (at and scope not in KEY_SCOPES):
             raise SettingsError(
-                f"API_KEYS must look like 'key1=acc_1|acc_2,key2=*' (bad entry {item!r})"
+                "API_KEYS must look like 'key1=acc_1|acc_2,key2=acc_3@write,key3=*@admin' "
+                f"(scopes: {', '.join(KEY_SCOPES)}; bad entry {item!r})"
             )
-        keys[key] = frozenset(a for a in accounts.split("|") if a)
+        keys[key] = (scope or "read+write", frozenset(a for a in accounts.split("|") if a))
     return keys
 
 
@@ -164,7 +173,32 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             values[f.name] = _convert(ENV_NAMES[f.name], raw, getattr(defaults, f.name))
     settings = Settings(**values)  # type: ignore[arg-type]
     _check(settings)
+    if not settings.auth:
+        settings = replace(settings, auth=_default_auth(settings))
     return settings
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _default_auth(s: Settings) -> str:
+    """Keys when any are configured; open only where nobody else can connect."""
+    if s.api_keys:
+        return "keys"
+    if is_loopback(s.host):
+        return "open"
+    raise SettingsError(
+        f"HOST={s.host} listens beyond this machine, and no API key is configured: anyone "
+        "who reaches it could read and write every account. Set API_KEYS (a bootstrap key, "
+        "e.g. API_KEYS=<secret>=*@admin) or AUTH=keys (keys made with `python -m "
+        "scripts.keys create`), or AUTH=open to serve it open anyway."
+    )
 
 
 POSITIVE = (
@@ -185,6 +219,7 @@ POSITIVE = (
     "rollup_timeout_seconds",
     "summary_timeout_seconds",
     "watchdog_interval_seconds",
+    "keys_refresh_seconds",
 )
 
 
@@ -207,5 +242,9 @@ def _check(s: Settings) -> None:
         raise SettingsError("HOUR_RETENTION_DAYS must be at least 31 (the 30d window)")
     if s.raw_retention_days > s.hour_retention_days:
         raise SettingsError("RAW_RETENTION_DAYS may not exceed HOUR_RETENTION_DAYS")
+    if s.auth not in ("", *AUTH_MODES):
+        raise SettingsError(f"AUTH must be one of {', '.join(AUTH_MODES)} (got {s.auth!r})")
+    if s.auth == "open" and s.api_keys:
+        raise SettingsError("AUTH=open and API_KEYS contradict each other: unset one")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")

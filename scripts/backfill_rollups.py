@@ -5,7 +5,8 @@
 
 Idempotent (buckets that already match are left alone) and resumable (it
 checkpoints every hour; run the same command again after an interrupt).
-Uses REDIS_URL / MONGO_URL / MONGO_DB like the service, and runs while the
+Talks to the servers of a running ``make run`` (same VAR_DIR), or to REDIS_URL /
+MONGO_URL / MONGO_DB like the service, and runs while the
 service runs (it takes the rollups lease meanwhile). Exit codes: 0 done,
 2 refused.
 """
@@ -23,8 +24,8 @@ from tqdm import tqdm
 
 from core import store
 from core.connections import connect_redis
-from core.settings import load_settings
 from rollups.backfill import Backfill, RangeRefused, Report
+from scripts.cli import cli_settings
 
 
 def parse_time(text: str) -> datetime:
@@ -50,10 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    if not settings.mongo_url or not settings.redis_url:
-        print("set MONGO_URL and REDIS_URL to the service's servers", file=sys.stderr)
-        return 2
+    settings = cli_settings()
     client = store.connect(settings, settings.rollup_timeout_seconds)
     redis = connect_redis(settings.redis_url)
     started = time.monotonic()

@@ -59,6 +59,8 @@ Report = dict[str, Any]
 # --------------------------------------------------------------- the Go checker
 
 
+IMAGE_HOST = "0.0.0.0"  # containers listen on every address: ports are published
+
 def ensure_checker() -> Path:
     """``.cache/bin/deploycheck``, built with Go when missing or older than its sources."""
     return go_build(
@@ -208,7 +210,7 @@ def _final_stage_problems(final: Report, images: dict[str, str], packages: list[
     env: dict[str, str] = {}
     for cmd in _commands(final, "env"):
         env.update(cmd["env"])
-    if env.get("HOST") != "0.0.0.0":
+    if env.get("HOST") != IMAGE_HOST:
         problems.append(f"{_where(final)}: no ENV HOST=0.0.0.0: it would listen on loopback only")
     exposed = {p.split("/")[0] for c in _commands(final, "expose") for p in c["args"]}
     if env.get("PORT", DEFAULT_PORT) not in exposed:
@@ -350,12 +352,16 @@ def _app_problems(apps: dict[str, Report], mongo: str | None, redis: str | None)
     settings: dict[str, Settings] = {}
     for name, service in apps.items():
         env = {k: str(v) for k, v in (service.get("environment") or {}).items() if v is not None}
+        env.setdefault("HOST", IMAGE_HOST)  # the image's ENV (checked in the Dockerfile)
         try:
             settings[name] = load_settings(env)
         except SettingsError as exc:
             problems.append(f"{name}: {exc}")
             continue
         s = settings[name]
+        if s.runs("http") and not s.keys_required:
+            problems.append(f"{name}: serves without API keys (AUTH=open): anyone who reaches "
+                            "its published port reads and writes every account")  # fmt: skip
         if urlsplit(s.redis_url).hostname != redis:
             problems.append(f"{name}: REDIS_URL {s.redis_url!r} does not name the Redis service")
         mongo_url = urlsplit(s.mongo_url)

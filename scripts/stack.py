@@ -547,17 +547,44 @@ def running_stack(
             )
             mongo.start()
             log(f"FerretDB on {mongo.url}")
-        yield Stack(
+        stack = Stack(
             redis_url=redis_url or (redis.url if redis else ""),
             mongo_url=mongo_url or (mongo.url if mongo else ""),
             redis=redis,
             mongo=mongo,
             postgres=postgres,
         )
+        if redis or postgres:
+            record_servers(var_dir, stack)
+        yield stack
     finally:
+        if redis or postgres:
+            (var_dir / SERVERS_FILE).unlink(missing_ok=True)
         for server in (redis, mongo, postgres):
             if server:
                 server.stop()
+
+
+SERVERS_FILE = "servers.json"
+
+
+def record_servers(var_dir: Path, stack: Stack) -> None:
+    """Where the running servers listen, for the command-line tools (scripts/cli.py)."""
+    me = os.getpid()
+    record = {**stack.env(), "pid": me, "identity": process_identity(me)}
+    (var_dir / SERVERS_FILE).write_text(json.dumps(record) + "\n")
+
+
+def running_servers(var_dir: Path) -> dict[str, str]:
+    """``REDIS_URL`` and ``MONGO_URL`` of the servers a live start keeps under ``var_dir``;
+    empty when none is running."""
+    try:
+        record = json.loads((var_dir / SERVERS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if process_identity(int(record["pid"])) != record["identity"]:
+        return {}  # left by a start that died
+    return {name: str(record[name]) for name in ("REDIS_URL", "MONGO_URL")}
 
 
 def exec_with_stack(command: Sequence[str]) -> int:

@@ -9,24 +9,27 @@ restarting any that die.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
+from pymongo.errors import PyMongoError
 from sanic import HTTPResponse, Request, Sanic
 from sanic_ext import Extend, openapi
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 
 from core import store
-from core.connections import connect_redis
+from core.connections import REDIS_ERRORS, connect_redis
 from core.events import batch_schema
 from core.metrics import export_metrics_dir
 from core.settings import Settings, load_settings
 from core.worker import start_process
 from rollups.scheduler import rollups_process
-from service import errors, ops, sdks
+from service import admin, errors, ops, sdks
 from service.dashboard import get_dashboard
 from service.flusher import flusher_process
 from service.ingest import limits_from, post_events
+from service.keyring import KeyRing
 from service.queue import Producer
 from service.summary import WorkerMemory, get_summary, rollup_figures
 from service.timeseries import DEFAULT_STEPS, MAX_POINTS, STEPS, get_timeseries
@@ -95,6 +98,7 @@ def _add_routes(app: App) -> None:
     )(post_events)
     app.add_route(ingest, "/events", methods=["POST"], name="post_events")
     sdks.add_routes(app)  # Segment/RudderStack and PostHog SDK routes, same pipeline
+    admin.add_routes(app)
     params: list[Any] = [
         openapi.definitions.Parameter(
             "window", str, "query", description="15m, 1h, 6h, 24h (default), 7d or 30d"
@@ -154,6 +158,11 @@ def _add_listeners(app: App, settings: Settings) -> None:
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
         app.ctx.summary_memory = WorkerMemory.for_settings(settings)
+        app.ctx.keyring = KeyRing(settings, app.ctx.db, app.ctx.redis)
+        if settings.keys_required:
+            with contextlib.suppress(PyMongoError, *REDIS_ERRORS):
+                await app.ctx.keyring.refresh()  # ready at once when the stores are
+            app.ctx.keyring.start()
 
     @app.before_server_stop
     async def close_connections_when_done(app: App) -> None:
@@ -164,6 +173,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
 
     @app.after_server_stop
     async def disconnect(app: App) -> None:
+        await app.ctx.keyring.stop()
         await app.ctx.redis.aclose()
         await app.ctx.mongo.close()
 

@@ -85,6 +85,11 @@ class Forbidden(ApiError):
     error = "forbidden"
 
 
+class NotFound(ApiError):
+    status_code = 404
+    error = "not_found"
+
+
 class BodyTooLarge(ApiError):
     status_code = 413
     error = "body_too_large"

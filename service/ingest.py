@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sanic import HTTPResponse, Request
 
 from core import metrics
+from core.api_keys import ApiKey
 from core.connections import REDIS_ERRORS
 from core.events import (
     Event,
@@ -76,9 +77,12 @@ def limits_from(settings: Settings) -> Limits:
     )
 
 
-def client_of(request: Request, key: str | None) -> str:
-    """Who a rate limit counts against: the API key, else the peer address."""
-    return key or request.remote_addr or request.ip or "anonymous"
+def client_of(request: Request, key: ApiKey | None) -> str:
+    """Who a rate limit counts against: the API key (by id: a key never goes into a Redis
+    key name), else the peer address."""
+    if key is not None:
+        return key.id
+    return request.remote_addr or request.ip or "anonymous"
 
 
 def is_json(request: Request) -> bool:
@@ -124,14 +128,14 @@ def checked(request: Request, body: bytes, sent_at: datetime | None) -> Batch:
 
 
 async def admit(
-    request: Request, settings: Settings, read: Callable[[], tuple[str | None, Batch]]
+    request: Request, settings: Settings, read: Callable[[], tuple[ApiKey | None, Batch]]
 ) -> Batch:
     """``read`` authenticates and validates; then authorize, enqueue, count either outcome."""
     events: list[Event] = []
     try:
         key, batch = read()
         events = batch.events
-        authorize(settings, key, {e.account_id for e in events}, "write")
+        authorize(key, {e.account_id for e in events}, "write")
         await enqueue(request, settings, batch, key)
     except ApiError as exc:
         metrics.REQUESTS_REJECTED.labels(exc.error).inc()
@@ -142,7 +146,7 @@ async def admit(
     return batch
 
 
-async def enqueue(request: Request, settings: Settings, batch: Batch, key: str | None) -> None:
+async def enqueue(request: Request, settings: Settings, batch: Batch, key: ApiKey | None) -> None:
     producer: Producer = request.app.ctx.producer
     client_id = client_of(request, key) if settings.rate_limit_events_per_second else ""
     retry = settings.retry_after_seconds
@@ -166,7 +170,7 @@ async def enqueue(request: Request, settings: Settings, batch: Batch, key: str |
 async def post_events(request: Request) -> HTTPResponse:
     settings: Settings = request.app.ctx.settings
 
-    def read() -> tuple[str | None, Batch]:
+    def read() -> tuple[ApiKey | None, Batch]:
         key = authenticate(request, settings)
         return key, validated(request, settings)
 

@@ -38,8 +38,10 @@ import msgspec
 from sanic import HTTPResponse, Request, Sanic
 from sanic_ext import openapi
 
+from core.api_keys import ApiKey
 from core.events import MAX_PROBLEMS, Problem, Timestamp, is_account_id, now_utc
 from core.settings import Settings
+from service.auth import authorize, known_key
 from service.errors import (
     ApiError,
     BadRequest,
@@ -141,23 +143,23 @@ def json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def account_of(settings: Settings, write_key: object, missing: str) -> tuple[str | None, str]:
+def account_of(
+    request: Request, settings: Settings, write_key: object, missing: str
+) -> tuple[ApiKey | None, str]:
     """(API key, account) a write key stands for.
 
-    Without API_KEYS the write key is the account id. With API_KEYS it must be
-    one of the keys, allowed to write exactly one account: that account.
+    With keys off the write key is the account id. With keys on it must be a
+    known, active key that may write exactly one account: that account.
     """
     if not isinstance(write_key, str) or not write_key:
         raise Unauthorized(missing)
-    if settings.api_keys:
-        accounts = settings.api_keys.get(write_key)
-        if accounts is None:
-            raise Unauthorized("unknown write key: it must be one of the API keys")
-        if len(accounts) != 1 or "*" in accounts:
-            raise Forbidden(
-                "a write key must be an API key for exactly one account (API_KEYS key=account)"
-            )
-        return write_key, next(iter(accounts))
+    if settings.keys_required:
+        key = known_key(request, settings, write_key, missing)
+        account = key.single_account
+        if account is None:
+            raise Forbidden("a write key must be an API key for exactly one account")
+        authorize(key, [account], "write")
+        return key, account
     if not is_account_id(write_key):
         raise Unauthorized(
             "the write key names the account: it must be 1..64 characters of A-Z a-z 0-9 _ . : -"
@@ -364,7 +366,7 @@ def reason(exc: ApiError) -> str:
 
 async def answer(
     request: Request,
-    read: Callable[[Settings], tuple[str | None, Batch]],
+    read: Callable[[Settings], tuple[ApiKey | None, Batch]],
     error_key: str,
     success: dict[str, Any],
 ) -> HTTPResponse:
@@ -386,12 +388,12 @@ async def answer(
 async def segment_batch(request: Request) -> HTTPResponse:
     """POST /v1/batch: ``{"batch": [...], "sentAt": …}``, write key as the Basic user."""
 
-    def read(settings: Settings) -> tuple[str | None, Batch]:
+    def read(settings: Settings) -> tuple[ApiKey | None, Batch]:
         body = body_of(request, settings)
         with client_input("the body"):
             envelope = json_object(body)
             key, account = account_of(
-                settings, basic_user(request) or envelope.get("writeKey"), WRITE_KEY_HELP
+                request, settings, basic_user(request) or envelope.get("writeKey"), WRITE_KEY_HELP
             )
             sent_at = sent_at_of(envelope, "sentAt")
             default_ts = default_timestamp(envelope, "sentAt", sent_at)
@@ -404,7 +406,7 @@ async def segment_batch(request: Request) -> HTTPResponse:
 async def posthog_capture(request: Request) -> HTTPResponse:
     """PostHog: ``{"api_key": …, "batch": [...], "sent_at": …}`` or one event at the top level."""
 
-    def read(settings: Settings) -> tuple[str | None, Batch]:
+    def read(settings: Settings) -> tuple[ApiKey | None, Batch]:
         body = body_of(request, settings)
         with client_input("the body"):
             envelope = json_object(body)
@@ -413,7 +415,7 @@ async def posthog_capture(request: Request) -> HTTPResponse:
             write_key = envelope.get("api_key") or envelope.get("token")
             if not write_key and single and isinstance(envelope.get("properties"), dict):
                 write_key = envelope["properties"].get("token")  # posthog-js puts it there
-            key, account = account_of(settings, write_key, API_KEY_HELP)
+            key, account = account_of(request, settings, write_key, API_KEY_HELP)
             sent_at = sent_at_of(envelope, "sent_at")
             default_ts = default_timestamp(envelope, "sent_at", sent_at)
             converted = posthog_events(messages, account, default_ts)

@@ -60,7 +60,7 @@ from core.rollup_docs import Head, KeptDocuments, load_index, read_head, read_pa
 from core.settings import Settings
 from core.store import Database
 from core.tail import TailEntry, last_ids, read_tails, redis_time_ms
-from service.auth import authenticate, authorize
+from service.auth import require
 from service.errors import BadRequest, Unavailable, client_input
 from service.live_tail import Basis, Running, RunningTails
 
@@ -424,7 +424,7 @@ def parse_request(request: Request, account_id: str | None) -> tuple[str, str, i
 async def get_summary(request: Request, account_id: str | None = None) -> HTTPResponse:
     settings: Settings = request.app.ctx.settings
     account, window, top = parse_request(request, account_id)
-    authorize(settings, authenticate(request, settings), [account], "read")
+    require(request, settings, [account], "read")
     db, redis = request.app.ctx.db, request.app.ctx.redis
     memory: WorkerMemory = request.app.ctx.summary_memory
 

@@ -29,7 +29,7 @@ from core.buckets import DAY, HOUR, MINUTE, WINDOWS, floor, window_start
 from core.rollup_docs import Head, Series, load_index, read_account_series, read_head, read_series
 from core.settings import Settings
 from core.store import Database
-from service.auth import authenticate, authorize
+from service.auth import require
 from service.errors import BadRequest, client_input
 from service.live_tail import held_before
 from service.responses import json_response
@@ -192,7 +192,7 @@ def parse_request(request: Request, account_id: str) -> tuple[str, str, str]:
 async def get_timeseries(request: Request, account_id: str) -> HTTPResponse:
     settings: Settings = request.app.ctx.settings
     account, window, step = parse_request(request, account_id)
-    authorize(settings, authenticate(request, settings), [account], "read")
+    require(request, settings, [account], "read")
     db, redis = request.app.ctx.db, request.app.ctx.redis
 
     async def read() -> Timeline:

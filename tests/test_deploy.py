@@ -165,6 +165,8 @@ BROKEN_COMPOSE = {
     "no rollups": ("ROLES: rollups", "ROLES: http", "with the rollups role"),
     "one http": ("ROLES: http\n", "ROLES: flusher\n", "with the http role"),
     "bad api keys": ("API_KEYS: ${API_KEYS:-}", "API_KEYS: nonsense", "API_KEYS must look like"),
+    "open": ("AUTH: keys", "AUTH: open", "without API keys"),
+    "no auth": ("  AUTH: keys\n", "", "listens beyond this machine"),
     "hosts disagree": (
         "      INSTANCE_NAME: flusher-2\n",
         "      INSTANCE_NAME: flusher-2\n      STREAM_KEY: other\n",

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -86,6 +87,13 @@ class MakeRun:
         found: list[str] = re.findall(r"FerretDB on (mongodb://\S+)", self.log())
         assert found, self.log()
         return found[-1]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """A command-line tool run beside it, as a user would: only VAR_DIR set."""
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MONGO_URL")}
+        env |= {"VAR_DIR": str(self.var_dir), "MONGO_DB": self.db_name}
+        return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
 
     def launcher(self) -> int:
         for pid in processes_marked(self.marker):
@@ -264,8 +272,13 @@ def test_a_clean_stop_is_quick_quiet_and_keeps_everything(run: MakeRun, sig: int
     output = run.log()
     assert not [n for n in NOISE if n in output], output
     assert_none_left(run.marker, "make run")
+    stopped = run.cli("scripts.keys", "list")
+    assert stopped.returncode == 2 and "make run" in stopped.stderr
     run.start()
     stored_exactly(run, sender)
+    # the command-line tools find the servers of the running `make run` by themselves
+    made = run.cli("scripts.keys", "create", "--scope", "read", "--account", sender.accounts[0])
+    assert made.returncode == 0 and made.stdout.startswith("evk_"), made.stderr
 
 
 def test_the_launcher_killed_alone_takes_everything_with_it(run: MakeRun) -> None:

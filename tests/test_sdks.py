@@ -431,7 +431,7 @@ async def test_write_keys_with_api_keys_on(app: AppFactory) -> None:
     running.start_flusher()
     batch = {"batch": [segment_message(1)]}
     unknown = await post_segment(running, "wk_nope", batch)
-    assert unknown.status_code == 401 and "unknown write key" in unknown.json()["message"]
+    assert unknown.status_code == 401 and "unknown API key" in unknown.json()["message"]
     for ambiguous in ("k_two", "k_all"):
         response = await post_segment(running, ambiguous, batch)
         assert response.status_code == 403, ambiguous

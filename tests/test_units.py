@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.api_keys import bootstrap_keys
 from core.buckets import (
     DAY,
     HOUR,
@@ -53,17 +54,23 @@ def test_defaults_match_the_documented_configuration() -> None:
     assert (s.port, s.flush_batch_size, s.flush_interval_ms) == (8000, 500, 250)
     assert s.max_body_bytes == 1024 * 1024 and s.max_batch_events == 1000
     assert s.raw_retention_days == 7 and s.var_dir == Path("var")
-    assert s.api_keys == {}
+    assert s.api_keys == {} and s.auth == "open" and not s.keys_required
 
 
 def test_environment_overrides_are_typed() -> None:
     s = load_settings({"PORT": "9001", "ROLES": "http, rollups", "VAR_DIR": "/x",
-                       "API_KEYS": "k1=a|b,k2=*", "ROLLUP_INTERVAL_SECONDS": "2.5"})  # fmt: skip
+                       "API_KEYS": "k1=a|b,k2=*@admin,k3=c@write",
+                       "ROLLUP_INTERVAL_SECONDS": "2.5"})  # fmt: skip
     assert s.port == 9001 and s.var_dir == Path("/x")
     assert s.runs("http") and s.runs("rollups") and not s.runs("flusher")
-    assert s.api_keys == {"k1": frozenset({"a", "b"}), "k2": frozenset({"*"})}
-    assert s.api_key_allows("k1", "a") and not s.api_key_allows("k1", "c")
-    assert s.api_key_allows("k2", "anything") and s.api_key_allows("nope", "a") is None
+    assert s.api_keys == {"k1": ("read+write", frozenset({"a", "b"})),
+                          "k2": ("admin", frozenset({"*"})),
+                          "k3": ("write", frozenset({"c"}))}  # fmt: skip
+    assert s.keys_required
+    boot = {k.label + k.scope: k for k in bootstrap_keys(s.api_keys).values()}
+    assert boot["API_KEYSread+write"].may("read", "a") and not boot["API_KEYSadmin"].may("x", "a")
+    assert boot["API_KEYSadmin"].may("write", "anything")
+    assert not boot["API_KEYSwrite"].may("read", "c") and boot["API_KEYSwrite"].may("write", "c")
     assert s.rollup_interval_seconds == 2.5
 
 
