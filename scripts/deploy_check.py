@@ -61,6 +61,7 @@ Report = dict[str, Any]
 
 IMAGE_HOST = "0.0.0.0"  # containers listen on every address: ports are published
 
+
 def ensure_checker() -> Path:
     """``.cache/bin/deploycheck``, built with Go when missing or older than its sources."""
     return go_build(
