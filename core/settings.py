@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -63,6 +64,13 @@ class Settings:
     api_keys: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
     # how often each HTTP worker asks Redis whether stored keys changed
     keys_refresh_seconds: float = 0.5
+    # web pages allowed to call the service (CORS), "*" or origins like
+    # "https://app.example.com": writing (ingestion and SDK config routes) is open
+    # to every page by default, since write keys sit in pages anyway; reading
+    # (/summary, /timeseries, /stream) to none but the service's own
+    cors_write_origins: frozenset[str] = frozenset({"*"})
+    cors_read_origins: frozenset[str] = frozenset()
+    cors_max_age_seconds: int = 86_400
     # flusher
     flushers: int = 1
     flush_batch_size: int = 500
@@ -154,7 +162,28 @@ def _convert(name: str, raw: str, default: object) -> object:
     return raw
 
 
-PARSERS = {"api_keys": parse_api_keys, "roles": parse_roles}
+def parse_origins(text: str) -> frozenset[str]:
+    if text.strip().lower() == "none":
+        return frozenset()
+    origins = frozenset(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    bad = [o for o in origins if o != "*" and not _ORIGIN.fullmatch(o)]
+    if bad:
+        raise SettingsError(
+            f"CORS origins must be * or like https://app.example.com[:port] (got {bad[0]!r})"
+        )
+    return origins
+
+
+_ORIGIN = re.compile(
+    r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?"
+)
+
+PARSERS = {
+    "api_keys": parse_api_keys,
+    "roles": parse_roles,
+    "cors_write_origins": parse_origins,
+    "cors_read_origins": parse_origins,
+}
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -25,7 +25,8 @@ from core.metrics import export_metrics_dir
 from core.settings import Settings, load_settings
 from core.worker import start_process
 from rollups.scheduler import rollups_process
-from service import admin, errors, ops, sdks
+from service import admin, errors, ops, sdk_config, sdks
+from service.cors import Cors, add_preflight, read_route, with_cors
 from service.dashboard import get_dashboard
 from service.flusher import flusher_process
 from service.ingest import limits_from, post_events
@@ -56,6 +57,7 @@ def build_app(settings: Settings) -> App:
     app.config.OAS_URL_PREFIX = "/docs"
     app.ctx.settings = settings
     app.ctx.limits = limits_from(settings)
+    app.ctx.cors = Cors(settings)
     app.ctx.live_metrics = [rollup_figures]
     # OpenAPI only: sanic-ext's other built-ins (injection, CORS, auto OPTIONS)
     # run per request and cost ~10% of a small ingest request (py-spy)
@@ -77,7 +79,7 @@ def _render_error(request: Request, exc: Exception) -> HTTPResponse:
     if getattr(exc, "status_code", None) == 413 and not isinstance(exc, errors.ApiError):
         limit = request.app.ctx.settings.max_body_bytes
         exc = errors.BodyTooLarge(f"the body may be at most {limit} bytes")
-    return errors.render(request, exc)
+    return with_cors(request, errors.render(request, exc))
 
 
 def _add_routes(app: App) -> None:
@@ -96,8 +98,10 @@ def _add_routes(app: App) -> None:
             openapi.definitions.Response({"application/json": {"type": "object"}}, status=400),
         ],
     )(post_events)
-    app.add_route(ingest, "/events", methods=["POST"], name="post_events")
+    app.add_route(ingest, "/events", methods=["POST"], name="post_events", ctx_cors="write")
+    add_preflight(app, "/events", "write", "post_events_preflight")
     sdks.add_routes(app)  # Segment/RudderStack and PostHog SDK routes, same pipeline
+    sdk_config.add_routes(app)  # what browser SDKs fetch before they send
     admin.add_routes(app)
     params: list[Any] = [
         openapi.definitions.Parameter(
@@ -109,16 +113,20 @@ def _add_routes(app: App) -> None:
     ]
     summary = openapi.definition(
         summary="Exact per-account figures for a window ending now", parameter=params
-    )(get_summary)
-    app.add_route(summary, "/summary/<account_id:str>", methods=["GET"], name="summary")
+    )(read_route(get_summary))
+    app.add_route(summary, "/summary/<account_id:str>", methods=["GET"], name="summary",
+                  ctx_cors="read")  # fmt: skip
+    add_preflight(app, "/summary/<account_id:str>", "read", "summary_preflight")
     summary_query = openapi.definition(
         summary="The same, with account_id in the query string",
         parameter=[
             openapi.definitions.Parameter("account_id", str, "query", required=True),
             *params,
         ],
-    )(get_summary)
-    app.add_route(summary_query, "/summary", methods=["GET"], name="summary_query")
+    )(read_route(get_summary))
+    app.add_route(summary_query, "/summary", methods=["GET"], name="summary_query",
+                  ctx_cors="read")  # fmt: skip
+    add_preflight(app, "/summary", "read", "summary_query_preflight")
     steps = f"{', '.join(STEPS)}; must divide the window, at most {MAX_POINTS} steps"
     defaults = ", ".join(f"{w}: {s}" for w, s in DEFAULT_STEPS.items())
     timeseries = openapi.definition(
@@ -133,8 +141,10 @@ def _add_routes(app: App) -> None:
                 "step", str, "query", description=f"{steps} (default by window: {defaults})"
             ),
         ],
-    )(get_timeseries)
-    app.add_route(timeseries, "/timeseries/<account_id:str>", methods=["GET"], name="timeseries")
+    )(read_route(get_timeseries))
+    app.add_route(timeseries, "/timeseries/<account_id:str>", methods=["GET"], name="timeseries",
+                  ctx_cors="read")  # fmt: skip
+    add_preflight(app, "/timeseries/<account_id:str>", "read", "timeseries_preflight")
     page = openapi.definition(
         summary="A live dashboard of one account (HTML; reads /summary and /timeseries)",
         response=[openapi.definitions.Response({"text/html": {"type": "string"}}, status=200)],

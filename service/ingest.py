@@ -31,6 +31,7 @@ from core.events import (
 )
 from core.settings import Settings
 from service.auth import authenticate, authorize
+from service.cors import cors_headers
 from service.errors import (
     ApiError,
     BodyTooLarge,
@@ -175,4 +176,5 @@ async def post_events(request: Request) -> HTTPResponse:
         return key, validated(request, settings)
 
     batch = await admit(request, settings, read)
-    return json_response({"status": "queued", "count": len(batch.events)}, 202)
+    return json_response({"status": "queued", "count": len(batch.events)}, 202,
+                         cors_headers(request))  # fmt: skip

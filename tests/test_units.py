@@ -43,7 +43,8 @@ from core.events import (
 from core.settings import SettingsError, load_settings
 from core.tail import TailEvents, encode, parse_entries, parse_id
 from service.errors import BadRequest, BodyTooLarge
-from service.sdks import FALLBACK_TYPE, gunzip, type_from_name
+from service.sdk_bodies import gunzip
+from service.sdk_messages import FALLBACK_TYPE, type_from_name
 from service.summary import Figures, SingleFlight, combine
 
 LIMITS = Limits(1000, timedelta(minutes=5), timedelta(days=7), 8192, 8)
