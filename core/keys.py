@@ -100,3 +100,13 @@ def summary_cache(settings: Settings, answer: str) -> str:
 def api_keys_version(settings: Settings) -> str:
     """Bumped on every change to the stored API keys: workers reload when it moves."""
     return f"{settings.mongo_db}:api_keys:version"
+
+
+def stream_watched(settings: Settings) -> str:
+    """Accounts someone follows on GET /stream, scored by when that lapses."""
+    return f"{settings.mongo_db}:stream:watched"
+
+
+def stream_channel(settings: Settings, account_id: str) -> str:
+    """Where the flusher publishes an account's newly stored events for /stream."""
+    return f"{settings.mongo_db}:stream:events:{account_id}"

@@ -40,6 +40,9 @@ ENTRIES_CLAIMED_AWAY = Counter(
     "flush_entries_claimed_away_total",
     "Entries another flusher claimed while this one was storing them (it retires them)",
 )
+STREAM_CLIENTS_DROPPED = Counter(
+    "stream_clients_dropped_total", "GET /stream clients dropped for falling behind"
+)
 FLUSH_ERRORS = Counter("flush_errors_total", "Failed flush attempts (retried)", ["kind"])
 FLUSH_BATCH_EVENTS = Histogram(
     "flush_batch_events",

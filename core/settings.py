@@ -71,6 +71,10 @@ class Settings:
     cors_write_origins: frozenset[str] = frozenset({"*"})
     cors_read_origins: frozenset[str] = frozenset()
     cors_max_age_seconds: int = 86_400
+    # GET /stream, per HTTP worker: clients at once, and how many flushes' worth of
+    # events a client may fall behind before it is dropped
+    stream_max_clients: int = 100
+    stream_buffer_flushes: int = 256
     # flusher
     flushers: int = 1
     flush_batch_size: int = 500
@@ -249,6 +253,8 @@ POSITIVE = (
     "summary_timeout_seconds",
     "watchdog_interval_seconds",
     "keys_refresh_seconds",
+    "stream_max_clients",
+    "stream_buffer_flushes",
 )
 
 

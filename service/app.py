@@ -32,6 +32,7 @@ from service.flusher import flusher_process
 from service.ingest import limits_from, post_events
 from service.keyring import KeyRing
 from service.queue import Producer
+from service.stream import Hub, get_stream
 from service.summary import WorkerMemory, get_summary, rollup_figures
 from service.timeseries import DEFAULT_STEPS, MAX_POINTS, STEPS, get_timeseries
 from service.watchdog import Watchdog
@@ -145,6 +146,21 @@ def _add_routes(app: App) -> None:
     app.add_route(timeseries, "/timeseries/<account_id:str>", methods=["GET"], name="timeseries",
                   ctx_cors="read")  # fmt: skip
     add_preflight(app, "/timeseries/<account_id:str>", "read", "timeseries_preflight")
+    stream = openapi.definition(
+        summary="Server-sent events of an account's events as they are stored (read key)",
+        description=(
+            "event: stored, id: event_id, data: the event. ?types= and ?users= filter "
+            "(comma-separated). The key may be given as ?key= (EventSource sends no headers). "
+            "A client that falls behind is sent event: end and dropped."
+        ),
+        parameter=[
+            openapi.definitions.Parameter("types", str, "query"),
+            openapi.definitions.Parameter("users", str, "query"),
+        ],
+    )(get_stream)
+    app.add_route(stream, "/stream/<account_id:str>", methods=["GET"], name="stream",
+                  ctx_cors="read")  # fmt: skip
+    add_preflight(app, "/stream/<account_id:str>", "read", "stream_preflight")
     page = openapi.definition(
         summary="A live dashboard of one account (HTML; reads /summary and /timeseries)",
         response=[openapi.definitions.Response({"text/html": {"type": "string"}}, status=200)],
@@ -168,6 +184,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
         app.ctx.summary_memory = WorkerMemory.for_settings(settings)
+        app.ctx.stream_hub = Hub(settings, app.ctx.redis)
         app.ctx.keyring = KeyRing(settings, app.ctx.db, app.ctx.redis)
         if settings.keys_required:
             with contextlib.suppress(PyMongoError, *REDIS_ERRORS):
@@ -180,6 +197,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
         # sending steadily never does: it stopped only at the graceful timeout, with a
         # traceback. Each connection now closes after its next answer.
         app.config.KEEP_ALIVE = False
+        await app.ctx.stream_hub.close()  # /stream clients are told, and let go
 
     @app.after_server_stop
     async def disconnect(app: App) -> None:

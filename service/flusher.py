@@ -36,10 +36,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core import keys, metrics, store, tail
 from core.buckets import ms
+from core.connections import REDIS_ERRORS
 from core.events import decode_events, to_document
 from core.settings import Settings
 from core.store import Document
 from core.worker import Worker, run_worker
+from service.live_events import Publisher
 from service.queue import Consumer, Entry, Retirement
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,8 @@ TRANSIENT_REDIS = (RedisConnectionError, RedisTimeoutError, ClusterDownError, Tr
 MAX_BACKOFF = 5.0
 CLAIM_EVERY_SECONDS = 5.0
 ENTRIES_PER_READ = 100
-READ_BACK_FIELDS = {"_id": 0, "account_id": 1, "type": 1, "user_id": 1, "timestamp": 1}
+READ_BACK_FIELDS = {"_id": 0, "event_id": 1, "account_id": 1, "type": 1, "user_id": 1,
+                    "timestamp": 1}  # fmt: skip
 
 T = TypeVar("T")
 
@@ -87,6 +90,7 @@ class Flusher(Worker):
         parts = parts[slot % len(parts) :] + parts[: slot % len(parts)]
         self.consumers = [Consumer(self.redis, p, self.name, settings) for p in parts]
         self._failures: dict[str, int] = {}
+        self.live = Publisher(self.redis, settings)
         self._last_claim = 0.0
         self._entry_size = 100.0  # events per stream entry, a running average
         # partitions whose Redis node is unreachable: left alone until then, so a
@@ -239,7 +243,7 @@ class Flusher(Worker):
 
         await self._retry("insert", insert)
         retirements: list[Retirement] = []
-        counted: list[int] = []
+        counted: list[list[Document]] = []
         offset = 0
         for batch in batches:
             if first_attempt and not batch.entry.redelivered:
@@ -247,16 +251,25 @@ class Flusher(Worker):
             else:
                 stored = await self._retry("read back", partial(self._read_back, batch.entry))
             retirements.append(Retirement(batch.entry, tails_of(stored)))
-            counted.append(len(stored))
+            counted.append(stored)
             offset += len(batch.docs)
         retired = await self._retire(consumer, retirements)
+        # whoever retires an entry counts it, and shows it to /stream's watchers
+        await self._show([d for docs, ok in zip(counted, retired, strict=True) if ok
+                          for d in docs])  # fmt: skip
         metrics.FLUSH_SECONDS.observe(time.perf_counter() - started)
         metrics.FLUSH_BATCH_EVENTS.observe(len(docs))
-        stored_here = sum(n for n, ok in zip(counted, retired, strict=True) if ok)
+        stored_here = sum(len(d) for d, ok in zip(counted, retired, strict=True) if ok)
         metrics.EVENTS_STORED.inc(stored_here)
         metrics.EVENTS_DUPLICATE.inc(max(0, len(docs) - stored_here))
         for batch in batches:
             self._failures.pop(batch.entry.batch_id, None)
+
+    async def _show(self, docs: list[Document]) -> None:
+        try:
+            await self.live.publish(docs)
+        except REDIS_ERRORS as exc:  # a watcher misses them; nothing else does
+            log.debug("could not publish stored events to /stream watchers: %s", exc)
 
     async def _insert(self, docs: list[Document]) -> set[int]:
         try:
