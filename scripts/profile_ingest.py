@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         body_file = work / "body.json"
         body_file.write_bytes(make_body(args.batch, random.Random(3)))
-        env = service_env(stack.redis_url, stack.mongo_url, work, run_flusher="false",
-                          run_rollups="false", queue_max_events=10**12)  # fmt: skip
+        env = service_env(stack.redis_url, stack.mongo_url, work, roles="http",
+                          queue_max_events=10**12)  # fmt: skip
         service = Service(env, workers=args.workers)
         service.start(work)
         try:

@@ -120,6 +120,33 @@ def postgres_bin_dir() -> Path:
     return found
 
 
+WEB = ROOT / "web"
+WEB_STAMP = WEB / "node_modules" / ".installed"
+
+
+def ensure_chromium() -> str:
+    """Debian's chromium, for the browser tests (driven over the DevTools protocol, so
+    no chromium-driver)."""
+    return ensure_debian_package("chromium", "chromium", "")
+
+
+def ensure_web_packages() -> Path:
+    """The browser SDKs pinned in ``web/package-lock.json``, installed with ``npm ci`` into
+    ``web/node_modules`` when missing or older than the lock file (the browser tests
+    serve them from there: no CDN)."""
+    modules = WEB / "node_modules"
+    newest = max(p.stat().st_mtime for p in (WEB / "package.json", WEB / "package-lock.json"))
+    if WEB_STAMP.exists() and WEB_STAMP.stat().st_mtime >= newest:
+        return modules
+    npm = shutil.which("npm") or ensure_debian_package("npm", "npm", "")
+    log("installing the browser SDKs of web/package-lock.json with npm ci")
+    # --ignore-scripts: the files are served as published, nothing needs building
+    subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+                   cwd=WEB, check=True)  # fmt: skip
+    WEB_STAMP.touch()
+    return modules
+
+
 def ensure_wrk() -> str:
     """The HTTP load generator for ``make bench`` (light on CPU, unlike k6)."""
     return ensure_debian_package("wrk", "wrk", "")
@@ -650,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="verb", required=True)
-    sub.add_parser("setup", help="install redis-server and PostgreSQL, build FerretDB if missing")
+    what = "install redis-server, PostgreSQL, chromium and web/'s SDKs, build FerretDB, if missing"
+    sub.add_parser("setup", help=what)
     run = sub.add_parser("exec", help="start the servers, run a command, stop them")
     run.add_argument("command", nargs=argparse.REMAINDER)
     serve = sub.add_parser("serve", help="start the servers, print their URLs, run until SIGTERM")
@@ -662,6 +690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ensure_redis_server()
             postgres_bin_dir()
             ensure_ferretdb()
+            ensure_chromium()
+            ensure_web_packages()
             return 0
         if args.verb == "serve":
             return serve_until_stopped(args.var_dir, args.host)

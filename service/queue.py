@@ -30,24 +30,45 @@ from core.keys import GROUP, Partition, partition_of
 from core.settings import Settings
 from core.tail import TailEvents
 
-# KEYS: stream, depth counter, rate-limit key (unused when the limit is off)
-# ARGV: events in this batch, body, queue bound, rate limit per second
-# returns 1 when queued, -1 when the queue is full, -2 when rate limited
+# Every enqueue a worker's requests asked for in one event-loop tick, for one
+# partition, in one call: each entry checked and added in turn exactly as if it
+# came alone (the rate limit of its client, then the queue bound), so the outcome
+# of each is what a call of its own would have given.
+#
+# KEYS: stream, depth counter, then the rate-limit keys the entries name
+# ARGV: queue bound, rate limit per second (0: off), entry count n, then per entry:
+#   event count, body, index of its rate-limit key in KEYS (0: none)
+# returns per entry 1 when queued, -1 when the queue is full, -2 when rate limited
 _ENQUEUE = """
-local n = tonumber(ARGV[1])
-if tonumber(ARGV[4]) > 0 then
-  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if used + n > tonumber(ARGV[4]) then return -2 end
-end
+local bound, limit, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local depth = tonumber(redis.call('GET', KEYS[2]) or '0')
-if depth > 0 and depth + n > tonumber(ARGV[3]) then return -1 end
-redis.call('XADD', KEYS[1], '*', 'count', ARGV[1], 'body', ARGV[2])
-redis.call('INCRBY', KEYS[2], n)
-if tonumber(ARGV[4]) > 0 then
-  redis.call('INCRBY', KEYS[3], n)
-  redis.call('EXPIRE', KEYS[3], 2)
+local used, added, out = {}, {}, {}
+local queued = 0
+for i = 0, n - 1 do
+  local count, body, rate = tonumber(ARGV[4 + 3 * i]), ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i])
+  local result = 1
+  if limit > 0 and rate > 0 then
+    used[rate] = used[rate] or tonumber(redis.call('GET', KEYS[rate]) or '0')
+    if used[rate] + count > limit then result = -2 end
+  end
+  if result == 1 and depth > 0 and depth + count > bound then result = -1 end
+  if result == 1 then
+    redis.call('XADD', KEYS[1], '*', 'count', count, 'body', body)
+    depth = depth + count
+    queued = queued + count
+    if limit > 0 and rate > 0 then
+      used[rate] = used[rate] + count
+      added[rate] = (added[rate] or 0) + count
+    end
+  end
+  out[i + 1] = result
 end
-return 1
+if queued > 0 then redis.call('INCRBY', KEYS[2], queued) end
+for rate, count in pairs(added) do
+  redis.call('INCRBY', KEYS[rate], count)
+  redis.call('EXPIRE', KEYS[rate], 2)
+end
+return out
 """
 
 QUEUED, QUEUE_FULL, RATE_LIMITED = 1, -1, -2
@@ -123,14 +144,29 @@ return 1
 """
 
 
+@dataclass
+class _Call:
+    """The enqueues of one partition in one tick: one script call."""
+
+    part: Partition
+    rate_keys: dict[str, int] = field(default_factory=dict)  # key -> its index in KEYS
+    entries: list[Any] = field(default_factory=list)  # count, body, rate index, ...
+    replies: list[asyncio.Future[int]] = field(default_factory=list)
+
+    def args(self, sha: bytes, tail: list[bytes]) -> list[Any]:
+        keys = [self.part.stream, self.part.depth, *self.rate_keys]
+        return [sha, len(keys), *keys, *tail, len(self.replies), *self.entries]
+
+
 class Producer:
     """What an HTTP worker needs: enqueue a validated batch, or refuse it.
 
-    Enqueues issued by concurrent requests in the same event-loop tick go to
-    Redis as one pipeline (one write, one read, one fsync of the AOF for all
-    of them): per-command client overhead was the largest cost of a small
-    ingest request (py-spy; docs/PROFILE.md). Each caller still gets its
-    own reply, so a 202 still means Redis has acknowledged that batch.
+    The enqueues that concurrent requests ask for in the same event-loop tick go
+    to Redis as one script call per partition (one command to encode, send,
+    run and parse, one fsync of the AOF for all of them): per-command client
+    and server overhead was the largest cost of a small ingest request
+    (py-spy; docs/PROFILE.md). Each caller still gets its own reply, so a 202
+    still means Redis has acknowledged that batch.
     """
 
     def __init__(self, client: Redis, settings: Settings) -> None:
@@ -140,61 +176,54 @@ class Producer:
         # the arguments every call shares, encoded once (redis-py encodes per call)
         self._tail = [str(settings.queue_max_events).encode(),
                       str(settings.rate_limit_events_per_second).encode()]  # fmt: skip
-        self._waiting: list[tuple[list[Any], asyncio.Future[int]]] = []
+        self._waiting: dict[int, _Call] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
 
     async def enqueue(self, body: bytes, count: int, account_id: str, client_id: str) -> int:
         part = partition_of(self._settings, account_id)
-        limit = self._settings.rate_limit_events_per_second
-        # a key of the partition's slot even when unused: a Redis Cluster refuses a
-        # script whose keys live on different slots
-        rate_key = part.rate(client_id, int(time.time())) if limit else part.rate("-", 0)
-        args = [self._sha, b"3", part.stream, part.depth, rate_key, count, body, *self._tail]
         loop = asyncio.get_running_loop()
-        reply: asyncio.Future[int] = loop.create_future()
-        self._waiting.append((args, reply))
-        if len(self._waiting) == 1:
+        if not self._waiting:
             loop.call_soon(self._send_waiting)
+        call = self._waiting.get(part.index)
+        if call is None:
+            call = self._waiting[part.index] = _Call(part)
+        rate = 0
+        if self._settings.rate_limit_events_per_second:
+            key = part.rate(client_id, int(time.time()))
+            rate = call.rate_keys.setdefault(key, len(call.rate_keys) + 3)
+        call.entries += (count, body, rate)
+        reply: asyncio.Future[int] = loop.create_future()
+        call.replies.append(reply)
         return await reply
 
     def _send_waiting(self) -> None:
-        batch, self._waiting = self._waiting, []
-        task = asyncio.ensure_future(self._send(batch))
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        calls, self._waiting = list(self._waiting.values()), {}
+        for call in calls:
+            task = asyncio.ensure_future(self._send(call))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
-    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[int]]]) -> None:
+    async def _send(self, call: _Call) -> None:
+        args = call.args(self._sha, self._tail)
         try:
-            results = await self._run_pipeline([args for args, _ in batch])
-            forgotten = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if forgotten:
-                # a restarted Redis forgot the script; those calls did not run
+            try:
+                results = await self._client.execute_command("EVALSHA", *args)
+            except NoScriptError:
+                # a restarted Redis forgot the script: the call did not run
                 await self._client.script_load(_ENQUEUE)
-                again = await self._run_pipeline([batch[i][0] for i in forgotten])
-                for i, result in zip(forgotten, again, strict=True):
-                    results[i] = result
-        except Exception as exc:  # the connection failed: every caller hears it
+                results = await self._client.execute_command("EVALSHA", *args)
+        except Exception as exc:  # every caller of this call hears it
             if not isinstance(exc, REDIS_ERRORS):
                 # redis-py's cluster client can fail this way while a node dies; to the
                 # caller it is the same: the enqueue may or may not have happened
                 exc = RedisConnectionError(f"the Redis client failed: {exc!r}")
-            for _, reply in batch:
+            for reply in call.replies:
                 if not reply.done():
                     reply.set_exception(exc)
             return
-        for (_, reply), result in zip(batch, results, strict=True):
-            if reply.done():  # the request went away meanwhile
-                continue
-            if isinstance(result, Exception):
-                reply.set_exception(result)
-            else:
+        for reply, result in zip(call.replies, results, strict=True):
+            if not reply.done():  # the request may have gone away meanwhile
                 reply.set_result(int(result))
-
-    async def _run_pipeline(self, calls: list[list[Any]]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.execute_command("EVALSHA", *args)
-            return list(await pipe.execute(raise_on_error=False))
 
 
 @dataclass(frozen=True)

@@ -11,95 +11,21 @@ screenshots the README shows (docs/dashboard.png, docs/dashboard-phone.png).
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import shutil
 import struct
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import pytest
-from websockets.asyncio.client import ClientConnection, connect
-
-from scripts.stack import ROOT, ensure_debian_package
+from scripts.stack import ROOT
+from tests import browser
+from tests.browser import Dom, Node, Page
 from tests.conftest import AppFactory, Running
 from tests.support import drained, eventually, iso, unique
 
+chromium, page = browser.chromium, browser.page  # the fixtures, used by name
 DOCS = ROOT / "docs"
 KEY = "k_dash"
-FLAGS = [
-    "--headless=new",
-    "--no-sandbox",  # tests may run as root
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--remote-debugging-port=0",
-    "--window-size=1280,900",
-]
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
-        "track", "wbr"}  # fmt: skip
-
-
-class Node:
-    def __init__(self, tag: str, attrs: dict[str, str]) -> None:
-        self.tag, self.attrs = tag, attrs
-        self.children: list[Node | str] = []
-
-    def text(self) -> str:
-        return "".join(c if isinstance(c, str) else c.text() for c in self.children).strip()
-
-    def walk(self) -> Iterator[Node]:
-        yield self
-        for child in self.children:
-            if isinstance(child, Node):
-                yield from child.walk()
-
-    def by_id(self, id_: str) -> Node:
-        found = [n for n in self.walk() if n.attrs.get("id") == id_]
-        assert len(found) == 1, f"#{id_}: {len(found)} elements"
-        return found[0]
-
-    def having(self, attr: str) -> list[Node]:
-        return [n for n in self.walk() if attr in n.attrs]
-
-    def with_class(self, name: str) -> Node:
-        found = [n for n in self.walk() if name in n.attrs.get("class", "").split()]
-        assert len(found) == 1, f".{name}: {len(found)} elements"
-        return found[0]
-
-
-class Dom(HTMLParser):
-    """The serialized DOM as a tree: written here so the page cannot grade itself."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.root = Node("#document", {})
-        self.open = [self.root]
-        self.feed(html)
-        self.close()
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        node = Node(tag, {k: v or "" for k, v in attrs})
-        self.open[-1].children.append(node)
-        if tag not in VOID:
-            self.open.append(node)
-
-    def handle_endtag(self, tag: str) -> None:
-        for i in range(len(self.open) - 1, 0, -1):
-            if self.open[i].tag == tag:
-                del self.open[i:]
-                return
-
-    def handle_data(self, data: str) -> None:
-        self.open[-1].children.append(data)
 
 
 def number(text: str) -> int:
@@ -132,93 +58,6 @@ def png_size(path: Path) -> tuple[int, int]:
     assert head[:8] == b"\x89PNG\r\n\x1a\n", path
     width, height = struct.unpack(">II", head[16:24])
     return width, height
-
-
-class Page:
-    """One browser tab over the DevTools protocol (flattened session on the browser socket)."""
-
-    def __init__(self, socket: ClientConnection) -> None:
-        self.socket = socket
-        self.session = ""
-        self.events: list[dict[str, Any]] = []
-        self._next = 0
-
-    async def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._next += 1
-        message: dict[str, Any] = {"id": self._next, "method": method, "params": params}
-        if self.session:
-            message["sessionId"] = self.session
-        await self.socket.send(json.dumps(message))
-        while True:
-            reply = json.loads(await asyncio.wait_for(self.socket.recv(), 30))
-            if reply.get("id") != self._next:
-                self.events.append(reply)
-                continue
-            assert "error" not in reply, (method, reply["error"])
-            result: dict[str, Any] = reply["result"]
-            return result
-
-    async def evaluate(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result["exceptionDetails"]
-        return result["result"].get("value")
-
-    async def dom(self) -> Node:
-        return Dom(await self.evaluate("document.documentElement.outerHTML")).root
-
-    async def viewport(self, width: int, height: int, mobile: bool) -> None:
-        await self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                        deviceScaleFactor=1, mobile=mobile)  # fmt: skip
-
-    async def screenshot(self, path: Path, width: int) -> None:
-        """The whole page at this width (however tall it is)."""
-        height = await self.evaluate("document.documentElement.scrollHeight")
-        shot = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                               clip={"x": 0, "y": 0, "width": width, "height": height,
-                                     "scale": 1})  # fmt: skip
-        path.write_bytes(base64.b64decode(shot["data"]))
-
-    async def until(self, expression: str, what: str, timeout: float = 30) -> Any:
-        async def check() -> Any:
-            return await self.evaluate(expression)
-
-        return await eventually(check, timeout, 0.1, what=what)
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Debian's chromium (installed with apt-get when missing and running as root)."""
-    return ensure_debian_package("chromium", "chromium", "")
-
-
-@pytest.fixture
-async def page(chromium: str, tmp_path: Path) -> AsyncIterator[Page]:
-    """A fresh headless chromium (its own profile; its output in tmp_path/chromium.log)."""
-    profile = tmp_path / "profile"
-    with (tmp_path / "chromium.log").open("wb") as log:
-        browser = await asyncio.create_subprocess_exec(
-            chromium, *FLAGS, f"--user-data-dir={profile}", "about:blank",
-            stdout=log, stderr=log,
-        )  # fmt: skip
-    try:
-        port_file = profile / "DevToolsActivePort"
-        await eventually(lambda: port_file.exists() and len(port_file.read_text().split()) == 2,
-                         30, 0.1, what="chromium's DevTools port")  # fmt: skip
-        port, path = port_file.read_text().split()
-        async with connect(f"ws://127.0.0.1:{port}{path}", max_size=None) as socket:
-            tab = Page(socket)
-            target = await tab.call("Target.createTarget", url="about:blank")
-            attached = await tab.call("Target.attachToTarget", targetId=target["targetId"],
-                                      flatten=True)  # fmt: skip
-            tab.session = attached["sessionId"]
-            for domain in ("Page", "Runtime", "Network", "Log"):
-                await tab.call(f"{domain}.enable")
-            yield tab
-    finally:
-        if browser.returncode is None:
-            browser.kill()
-        await browser.wait()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def known_events(account: str, now: datetime, count: int) -> list[dict[str, Any]]:

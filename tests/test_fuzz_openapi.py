@@ -95,3 +95,13 @@ def test_any_bytes_at_post_events_get_a_json_4xx_never_a_5xx(
     assert response.headers["content-type"].startswith("application/json")
     if response.status_code >= 400:
         assert response.json()["error"]
+
+
+def test_the_spec_keeps_the_ingest_body_schema(service: tuple[Service, Backends]) -> None:
+    """The ingest handler is registered unwrapped (service/app.py ``unwrapped``): its
+    definition must still describe the body schemathesis generates from."""
+    svc, _ = service
+    spec = httpx.get(f"{svc.url}/docs/openapi.json").json()
+    body = spec["paths"]["/events"]["post"]["requestBody"]["content"]["application/json"]
+    forms = body["schema"].get("oneOf") or body["schema"].get("anyOf") or [body["schema"]]
+    assert any(f.get("type") == "array" and f.get("maxItems") == 1000 for f in forms), body

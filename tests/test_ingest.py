@@ -75,7 +75,9 @@ ids_alphabet = st.text(
 )
 json_leaf = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
-    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20),
+    st.floats(allow_nan=False, allow_infinity=False),
+    # NUL is refused in metadata strings (PostgreSQL cannot store it): a valid batch has none
+    st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=20),
 )  # fmt: skip
 metadata = st.dictionaries(
     st.text(min_size=1, max_size=10).filter(lambda k: not k.startswith("$") and "." not in k
