@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import platform
@@ -60,6 +61,7 @@ from service.flusher import Flusher
 from tests.harness import Service, cpu_seconds, dev_tool, exit_on_sigterm, service_env
 
 SIZES = (1, 10, 100, 500)
+PARTS = ("ingest", "routes", "flush", "summary", "sustained")
 TYPES = ("page_view", "message_sent", "call_made", "form_submitted", "login", "custom")
 DOCS = ROOT / "docs"
 CONNECTIONS = 64
@@ -105,6 +107,7 @@ class Results:
     flush: dict[str, float] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
     sustained: dict[float, dict[str, float]] = field(default_factory=dict)  # by share offered
+    routes: dict[str, Rate] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -125,12 +128,32 @@ def median_rate(samples: list[Rate]) -> Rate:
 # --- ingest over HTTP -------------------------------------------------------------
 
 
-def wrk_once(url: str, body_file: Path, seconds: float) -> tuple[int, float, float, float]:
-    """(requests, seconds, p50 ms, p99 ms) of one wrk run; fails on any non-202."""
+@dataclass(frozen=True)
+class Request:
+    """What wrk sends: a body to a path, and how (post.lua reads these)."""
+
+    path: str = "/events"
+    method: str = "POST"
+    content_type: str = "application/json"
+    headers: str = ""  # "Name: value|Name: value"
+
+    def env(self, body_file: Path | None) -> dict[str, str]:
+        return {"BODY_FILE": str(body_file or ""), "METHOD": self.method,
+                "CONTENT_TYPE": self.content_type, "HEADERS": self.headers}  # fmt: skip
+
+
+EVENTS = Request()
+
+
+def wrk_once(
+    url: str, body_file: Path | None, seconds: float, request: Request = EVENTS
+) -> tuple[int, float, float, float]:
+    """(requests, seconds, p50 ms, p99 ms) of one wrk run; fails on any non-2xx."""
     out = subprocess.run(
         [ensure_wrk(), "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s",
-         "-s", str(ROOT / "scripts" / "post.lua"), f"{url}/events"],
-        env={**os.environ, "BODY_FILE": str(body_file)}, capture_output=True, text=True, check=True,
+         "-s", str(ROOT / "scripts" / "post.lua"), f"{url}{request.path}"],
+        env={**os.environ, **request.env(body_file)}, capture_output=True, text=True,
+        check=True,
     ).stdout  # fmt: skip
     found = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", out)
     if not found:
@@ -144,14 +167,14 @@ def wrk_once(url: str, body_file: Path, seconds: float) -> tuple[int, float, flo
 
 
 def measure_http(
-    service: Service, body_file: Path, size: int, seconds: float, after: Callable[[], None],
-    redis_pids: list[int],
+    service: Service, body_file: Path | None, size: int, seconds: float,
+    after: Callable[[], None], redis_pids: list[int], request: Request = EVENTS,
 ) -> Rate:  # fmt: skip
-    wrk_once(service.url, body_file, 1)  # warm-up
+    wrk_once(service.url, body_file, 1, request)  # warm-up
     after()
     pids = service.pids()
     cpu_before, redis_before = cpu_seconds(pids), cpu_seconds(redis_pids)
-    requests, elapsed, p50, p99 = wrk_once(service.url, body_file, seconds)
+    requests, elapsed, p50, p99 = wrk_once(service.url, body_file, seconds, request)
     cpu = cpu_seconds(pids) - cpu_before
     redis_cpu = cpu_seconds(redis_pids) - redis_before
     after()
@@ -220,6 +243,147 @@ def bench_ingest(stack: Stack, work: Path, args: argparse.Namespace, results: Re
         client.close()
     for name, by_size in samples.items():
         results.ingest[name] = {size: median_rate(rates) for size, rates in by_size.items()}
+
+
+# --- browser SDK routes and API keys --------------------------------------------------
+
+STORED_KEYS = 10_000
+ORIGIN = "http://page.example"
+
+
+def sdk_requests(work: Path, rng: random.Random) -> dict[str, tuple[Request, Path | None]]:
+    """One event each, as the browser SDKs send it (AUTH=open: the write key is the
+    account), and a CORS preflight."""
+    when = (datetime.now(UTC) - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+    account = f"acct_{rng.randrange(50)}"
+    segment = {"type": "track", "event": "Signed Up", "messageId": "bench-seg-1",
+               "anonymousId": "anon-1", "writeKey": account, "timestamp": when,
+               "properties": {"plan": "pro"}}  # fmt: skip
+    posthog = {"api_key": account, "sent_at": when, "batch": [{
+        "event": "$pageview", "uuid": "01900000-0000-7000-8000-000000000001",
+        "timestamp": when, "properties": {"token": account, "distinct_id": "anon-1",
+                                          "$current_url": "https://page.example/"}}]}  # fmt: skip
+    beacon = {"sentAt": when, "batch": [{**segment, "type": "page", "name": "Home"}]}
+    files = {"segment": msgspec.json.encode(segment),
+             "posthog": gzip.compress(msgspec.json.encode(posthog)),
+             "beacon": msgspec.json.encode(beacon)}  # fmt: skip
+    paths = {}
+    for name, body in files.items():
+        paths[name] = work / f"sdk-{name}.body"
+        paths[name].write_bytes(body)
+    text = "text/plain;charset=UTF-8"
+    preflight = Request(method="OPTIONS", headers=f"Origin: {ORIGIN}|Access-Control-Request-"
+                        "Method: POST|Access-Control-Request-Headers: content-type")  # fmt: skip
+    return {
+        "OPTIONS /events (CORS preflight)": (preflight, None),
+        "POST /v1/t (analytics.js track)": (Request("/v1/t", content_type=text), paths["segment"]),
+        "POST /e/ (posthog-js, gzip)": (Request("/e/", content_type=text), paths["posthog"]),
+        "POST /beacon/v1/batch (RudderStack)": (
+            Request(f"/beacon/v1/batch?writeKey={account}", content_type=text), paths["beacon"]),
+    }  # fmt: skip
+
+
+def store_keys(env: dict[str, str], count: int) -> str:
+    """``count`` stored write keys in the service's database; returns one of them."""
+    import pymongo
+
+    from core import api_keys
+
+    docs, raw = [], ""
+    now = datetime.now(UTC)
+    for i in range(count):
+        key_id, raw = api_keys.new_key()
+        docs.append({"_id": key_id, "hash": api_keys.digest(raw), "scope": "write",
+                     "accounts": [f"acct_{i % 50}"], "label": "bench", "created_at": now,
+                     "expires_at": None, "revoked_at": None})  # fmt: skip
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(env["MONGO_URL"])
+    with client:
+        client[env["MONGO_DB"]]["api_keys"].insert_many(docs)
+    return raw  # the last one: a write key for acct_<(count-1) % 50>
+
+
+def bench_routes(stack: Stack, work: Path, args: argparse.Namespace, results: Results) -> None:
+    """The browser SDKs' one-event routes and the preflight, beside the same run's bare
+    Sanic; and 10-event POST /events with 10,000 stored keys on, beside keys off."""
+    rng = random.Random(11)
+    requests = sdk_requests(work, rng)
+    env = service_env(stack.redis_url, stack.mongo_url, work, roles="http",
+                      queue_max_events=10**12)  # fmt: skip
+    client = redis.Redis.from_url(stack.redis_url)
+    queue_keys = [k for p in partitions(load_settings(env)) for k in (p.stream, p.depth)]
+    redis_pids = [stack.redis.proc.pid] if stack.redis and stack.redis.proc else []
+    keyed_env = {**env, "MONGO_DB": f"{env['MONGO_DB']}_keys", "AUTH": "keys"}
+    key = store_keys(keyed_env, STORED_KEYS)
+    key_account = f"acct_{(STORED_KEYS - 1) % 50}"
+    ten = work / "keyed-10.json"
+    ten.write_bytes(
+        msgspec.json.encode(
+            [{**e, "account_id": key_account} for e in msgspec.json.decode(make_body(10, rng))]
+        )
+    )
+    one = work / "routes-1.json"
+    one.write_bytes(make_body(1, rng))
+
+    def clear_queue() -> None:
+        client.delete(*queue_keys)
+
+    bare = Service(env, workers=args.workers, app="scripts.bench_apps:create_bare_app")
+    ours = Service(env, workers=args.workers)
+    keyed = Service(keyed_env, workers=args.workers)
+    samples: dict[str, list[Rate]] = {name: [] for name in
+                                      ["bare Sanic", *requests, "keys off", "keys on"]}  # fmt: skip
+    try:
+        bare.start(work, ready_path="/health")
+        ours.start(work)
+        keyed.start(work)
+        for _ in range(args.repeat):
+            samples["bare Sanic"].append(
+                measure_http(bare, one, 1, args.seconds, clear_queue, redis_pids)
+            )
+            for name, (request, body) in requests.items():
+                samples[name].append(measure_http(ours, body, 1, args.seconds, clear_queue,
+                                                  redis_pids, request))  # fmt: skip
+            samples["keys off"].append(
+                measure_http(ours, ten, 10, args.seconds, clear_queue, redis_pids)
+            )
+            samples["keys on"].append(measure_http(
+                keyed, ten, 10, args.seconds, clear_queue, redis_pids,
+                Request(headers=f"X-API-Key: {key}")))  # fmt: skip
+            rates = ", ".join(f"{n} {r[-1].requests_per_s:,.0f}" for n, r in samples.items())
+            print(f"[bench] routes, req/s: {rates}", flush=True)
+    finally:
+        for service in (bare, ours, keyed):
+            service.stop()
+        client.close()
+    results.routes = {name: median_rate(rates) for name, rates in samples.items()}
+
+
+def routes_section(results: Results) -> list[str]:
+    if not results.routes:
+        return []
+    bare = results.routes["bare Sanic"]
+    lines = [
+        "## Browser SDK routes and API keys",
+        "",
+        "One event per request, as the browser SDKs send it (`text/plain`; posthog-js "
+        "gzipped), and the CORS preflight, beside the same run's bare Sanic posting one "
+        f"event to `/events`; then 10-event `POST /events` with {STORED_KEYS:,} stored keys "
+        "on (`AUTH=keys`, `X-API-Key`) beside keys off. Same wrk load as above.",
+        "",
+        "| request | req/s | / bare Sanic (1 event) | CPU-s per 1M requests: service + Redis "
+        "| p50 / p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, rate in results.routes.items():
+        per_request = rate.events_per_s / rate.requests_per_s if rate.requests_per_s else 1
+        share = pct(rate.requests_per_s, bare.requests_per_s)
+        cpu, redis_cpu = (
+            rate.cpu_per_million * per_request,
+            rate.redis_cpu_per_million * per_request,
+        )
+        lines.append(f"| {name} | {rate.requests_per_s:,.0f} | {share} | {cpu:.1f} + "
+                     f"{redis_cpu:.1f} | {rate.p50_ms:.1f} / {rate.p99_ms:.1f} |")  # fmt: skip
+    return [*lines, ""]
 
 
 # --- flusher ----------------------------------------------------------------------
@@ -613,9 +777,22 @@ def targets(results: Results) -> list[str]:
         lines.append(f"| {name} | {shown} | {'yes' if ok else 'no'} |")
 
     bare, ours = results.ingest.get("bare Sanic", {}), results.ingest.get("service", {})
-    if 10 in ours and 10 in bare:
-        ratio = ours[10].requests_per_s / bare[10].requests_per_s
-        row("10-event batches: ≥ 60% of the bare-Sanic request rate", ratio >= 0.6, f"{ratio:.0%}")
+    for size, goal in ((1, 0.8), (10, 0.5)):
+        if size in ours and size in bare:
+            ratio = ours[size].requests_per_s / bare[size].requests_per_s
+            row(f"{size}-event batches: ≥ {goal:.0%} of the bare-Sanic request rate",
+                ratio >= goal, f"{ratio:.0%}")  # fmt: skip
+    if 100 in ours and 100 in bare:
+        # issue 18 measured 0.06 on 2026-12-05, before its changes: a ratio is comparable
+        # across runs where an absolute rate (±30% day to day) is not
+        ratio = ours[100].requests_per_s / bare[100].requests_per_s
+        row("100-event batches: no worse than before (0.06 of bare Sanic)", ratio >= 0.06,
+            f"{ratio:.2f}")  # fmt: skip
+    r = results.routes
+    if r:
+        ratio = r["keys on"].requests_per_s / r["keys off"].requests_per_s
+        row(f"10-event batches with {STORED_KEYS:,} stored keys: within 5% of keys off",
+            ratio >= 0.95, f"{ratio:.0%}")  # fmt: skip
     if 100 in ours:
         rate = ours[100].events_per_s
         row("100-event batches: ≥ 350,000 events/s", rate >= 350_000, f"{rate:,.0f}")
@@ -797,7 +974,7 @@ def write_report(results: Results, args: argparse.Namespace, plot: Path) -> Path
             f"![events/s by batch size]({plot.name})",
             "",
         ]
-    lines += [*flush_section(results), *summary_section(results, args),
+    lines += [*routes_section(results), *flush_section(results), *summary_section(results, args),
               *sustained_section(results), *BEFORE, *results.notes]  # fmt: skip
     path = DOCS / "PERFORMANCE.md"
     path.write_text("\n".join(lines) + "\n")
@@ -847,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sustain-rate", type=float, default=8000.0,
                         help="events/s to offer when the flusher part did not run")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 short repeat, small sizes")
-    parser.add_argument("--only", choices=("ingest", "flush", "summary", "sustained"),
+    parser.add_argument("--only", choices=PARTS,
                         action="append", help="measure only these parts (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
@@ -859,9 +1036,11 @@ def main(argv: list[str] | None = None) -> int:
     with scratch_dir("bench-") as tmp, running_stack(
         Path(tmp) / "var", os.environ.get("REDIS_URL", ""), os.environ.get("MONGO_URL", "")
     ) as stack:  # fmt: skip
-        parts = set(args.only or ("ingest", "flush", "summary", "sustained"))
+        parts = set(args.only or PARTS)
         if "ingest" in parts:
             bench_ingest(stack, Path(tmp), args, results)
+        if "routes" in parts:
+            bench_routes(stack, Path(tmp), args, results)
         if "flush" in parts:
             bench_flusher(stack, args, results)
         if "summary" in parts:
