@@ -22,6 +22,7 @@ HOURS = "rollup_hours"  # per-account hour buckets
 STATE = "rollup_state"  # rollup job state (retention progress)
 BACKFILLS = "rollup_backfills"  # checkpoints of unfinished backfills
 API_KEYS = "api_keys"  # keys as data: hashed, scoped (core/api_keys.py)
+DEAD_LETTER_AUDIT = "dead_letter_audit"  # who dropped or replayed which dead letter, and why
 
 GROUP = "flusher"  # the consumer group every flusher joins
 
@@ -92,9 +93,10 @@ def rollup_progress(settings: Settings) -> str:
     return f"{settings.mongo_db}:rollups:minute"
 
 
-def summary_cache(settings: Settings, answer: str) -> str:
-    """A cached summary answer (``answer`` names the account, window, minute, tail and top)."""
-    return f"{settings.mongo_db}:summary:{answer}"
+def answer_cache(settings: Settings, answer: str) -> str:
+    """A cached /summary or /timeseries answer (``answer`` names the route, the question,
+    the minute, the tail and the head: ``service/snapshot.py``)."""
+    return f"{settings.mongo_db}:answer:{answer}"
 
 
 def api_keys_version(settings: Settings) -> str:

@@ -99,8 +99,13 @@ def mark_process_dead(pid: int) -> None:
 def export_metrics_dir(metrics_dir: Path, main_pid: int) -> Path:
     """Point prometheus-client's multiprocess mode at a per-run directory.
 
-    Child processes inherit the variable, so every HTTP worker, flusher and
-    the rollups process write their samples where ``/metrics`` reads them.
+    The directory comes from the settings (``VAR_DIR/metrics/<main pid>``), but
+    prometheus-client takes it only from ``PROMETHEUS_MULTIPROC_DIR``: this sets
+    that variable (the only one the service writes; ``core/settings.py``), and
+    child processes inherit it, so every HTTP worker, flusher and the rollups
+    process write their samples where ``/metrics`` reads them. A variable already
+    set wins: whoever started the service chose the directory (the tests give
+    each service its own).
     """
     current = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if current:
@@ -111,3 +116,26 @@ def export_metrics_dir(metrics_dir: Path, main_pid: int) -> Path:
         stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return path
+
+
+PROCESS_RSS = Gauge(
+    "process_rss_bytes", "Resident memory of each process of the service, by role", ["role"],
+    multiprocess_mode="liveall",
+)  # fmt: skip
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def report_rss(role: str) -> None:
+    """This process's resident memory, as /proc says now (called every few seconds)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return
+    PROCESS_RSS.labels(role).set(pages * _PAGE_SIZE)
+
+
+ROLLUP_ACCOUNT_FAILURES = Counter(
+    "rollup_account_failures_total",
+    "Account rollovers that failed in a pass (retried the next run), by reason",
+    ["reason"],
+)

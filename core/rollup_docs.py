@@ -31,12 +31,12 @@ summary, and a head never older than the tail it goes with.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
 from bson import Binary
+from cachetools import LRUCache
 
 from core import keys
 from core.buckets import PACKED_FIELDS, Counts, Packed, Resolution, to_datetime
@@ -209,9 +209,13 @@ async def read_packed(db: Database, kind: Kind, doc_id: str) -> Packed | None:
     return Packed.of(doc) if doc else None
 
 
+def _size(document: Kept) -> int:
+    return document.size()
+
+
 class KeptDocuments:
-    """Rollup documents read before (counts and bucket indexes), by id, within a memory
-    budget (least recently used go).
+    """Rollup documents read before (counts, bucket indexes, hour series), by id, within a
+    memory budget (least recently used go).
 
     A document is never changed once written (see above), so what was read
     under an id stays true; one that was deleted since only belonged to a head
@@ -219,33 +223,23 @@ class KeptDocuments:
     """
 
     def __init__(self, budget_bytes: int) -> None:
-        self._budget = budget_bytes
-        self._used = 0
-        self._kept: OrderedDict[str, Packed | BucketIndex] = OrderedDict()
+        self._kept: LRUCache[str, Kept] = LRUCache(budget_bytes, getsizeof=_size)
 
     def packed(self, doc_id: str) -> Packed | None:
-        found = self._get(doc_id)
+        found = self._kept.get(doc_id)
         return found if isinstance(found, Packed) else None
 
     def index(self, doc_id: str) -> BucketIndex | None:
-        found = self._get(doc_id)
+        found = self._kept.get(doc_id)
         return found if isinstance(found, BucketIndex) else None
 
-    def _get(self, doc_id: str) -> Packed | BucketIndex | None:
+    def series(self, doc_id: str) -> Series | None:
         found = self._kept.get(doc_id)
-        if found is not None:
-            self._kept.move_to_end(doc_id)
-        return found
+        return found if isinstance(found, Series) else None
 
-    def keep(self, doc_id: str, document: Packed | BucketIndex) -> None:
-        size = document.size()
-        if doc_id in self._kept or size > self._budget:
-            return
-        self._kept[doc_id] = document
-        self._used += size
-        while self._used > self._budget:
-            _, dropped = self._kept.popitem(last=False)
-            self._used -= dropped.size()
+    def keep(self, doc_id: str, document: Kept) -> None:
+        if doc_id not in self._kept and document.size() <= self._kept.maxsize:
+            self._kept[doc_id] = document
 
 
 def document(kind: Kind, doc_id: str, account_id: str, start: int, packed: dict[str, Any],
@@ -274,6 +268,13 @@ class Series:
     def encode(self) -> Binary:
         return Binary(_encode(self.minutes))
 
+    def size(self) -> int:
+        """Roughly the bytes it holds in memory (~19 KB for 60 minutes of 3 types)."""
+        return 512 + sum(150 + 60 * len(types) for _, types in self.minutes.values())
+
+
+Kept = Packed | BucketIndex | Series  # what a worker keeps of the rollup documents
+
 
 async def read_series(db: Database, doc_id: str) -> Series | None:
     """The per-minute series of an hour bucket; None when the document is gone."""
@@ -281,14 +282,17 @@ async def read_series(db: Database, doc_id: str) -> Series | None:
     return None if doc is None else _series_of(doc)
 
 
-async def read_account_series(db: Database, account_id: str) -> dict[str, Series]:
-    """The series of every stored hour bucket of an account, by document id.
+async def read_account_series(db: Database, account_id: str, since: int) -> dict[str, Series]:
+    """The series of the account's stored hour buckets from hour ``since`` on, by id.
 
-    One equality query on the ``account_id`` index instead of one read per hour;
-    it returns every stored version, so callers keep the ids a head names.
+    One query on the ``account_id`` index instead of one read per hour; it
+    returns every stored version of those hours, so callers keep the ids a head
+    names. (FerretDB filters ``start`` after the index lookup, but sends back
+    only those hours.)
     """
     found: dict[str, Series] = {}
-    async for doc in db[keys.HOURS].find({"account_id": account_id}, {"series": 1}):
+    query = {"account_id": account_id, "start": {"$gte": to_datetime(since)}}
+    async for doc in db[keys.HOURS].find(query, {"series": 1}):
         found[doc["_id"]] = _series_of(doc)
     return found
 

@@ -1,7 +1,14 @@
 """The one typed settings object, read from the environment once and passed down.
 
-Every process builds it with :func:`load_settings` at start-up; no other module
-reads ``os.environ``.
+Every process of the service builds it with :func:`load_settings` at start-up,
+and the service's code takes its configuration from it, never from
+``os.environ``. Two places touch the environment besides: ``core/metrics.py``
+hands ``settings.metrics_dir`` to prometheus-client, which reads its directory
+only from ``PROMETHEUS_MULTIPROC_DIR`` (it sets that variable, for the
+processes it starts, unless it is already set); and the command-line tools of
+``scripts/`` (stack, benchmarks, k6 runs, CLIs) read ``REDIS_URL`` / ``MONGO_URL``
+to decide which servers to start, and pass their environment on to the
+processes they start, which then load their settings from it.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class Settings:
     stream_buffer_flushes: int = 256
     # flusher
     flushers: int = 1
+    # events per flush, at most MAX_FLUSH_BATCH_SIZE: one insert_many and one
+    # acknowledge script (which blocks Redis while it runs) per flush
     flush_batch_size: int = 500
     flush_interval_ms: int = 250
     # flushes in flight per flusher: the store takes more than one write at once
@@ -86,6 +95,11 @@ class Settings:
     mongo_timeout_ms: int = 5000
     claim_idle_ms: int = 30_000
     dead_letter_after: int = 5
+    # GET /accounts/{account}/export: documents per MongoDB read (memory stays this
+    # many events, whatever the export's size) and events per answer at most (then
+    # it ends with a cursor to go on from)
+    export_batch_size: int = 1000
+    export_max_events: int = 1_000_000
     # retention
     raw_retention_days: int = 7
     minute_retention_hours: int = 48
@@ -102,6 +116,8 @@ class Settings:
     watchdog_interval_seconds: float = 1.0
     shutdown_grace_seconds: float = 10.0
     log_level: str = "INFO"
+    # one line per HTTP answer (method, path without its query, status, time, client)
+    access_log: bool = False
 
     @property
     def metrics_dir(self) -> Path:
@@ -234,6 +250,12 @@ def _default_auth(s: Settings) -> str:
     )
 
 
+# a flush of this many one-event entries is acknowledged by one Redis script call
+# of ~45 ms (measured here), during which every other Redis client waits
+MAX_FLUSH_BATCH_SIZE = 10_000
+# an export's read batch is held in memory whole: 10,000 events of up to 8 KiB
+MAX_EXPORT_BATCH_SIZE = 10_000
+
 POSITIVE = (
     "port",
     "workers",
@@ -255,6 +277,8 @@ POSITIVE = (
     "keys_refresh_seconds",
     "stream_max_clients",
     "stream_buffer_flushes",
+    "export_batch_size",
+    "export_max_events",
 )
 
 
@@ -262,8 +286,27 @@ def _check(s: Settings) -> None:
     for name in POSITIVE:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{ENV_NAMES[name]} must be positive")
+    if s.flush_batch_size > MAX_FLUSH_BATCH_SIZE:
+        raise SettingsError(
+            f"FLUSH_BATCH_SIZE must be 1..{MAX_FLUSH_BATCH_SIZE} (got {s.flush_batch_size}): "
+            "a flush is one MongoDB write and one Redis script, which blocks Redis while it runs"
+        )
+    if s.export_batch_size > MAX_EXPORT_BATCH_SIZE:
+        raise SettingsError(f"EXPORT_BATCH_SIZE must be 1..{MAX_EXPORT_BATCH_SIZE}")
     if s.port > 65535:
         raise SettingsError("PORT must be at most 65535")
+    if s.rate_limit_events_per_second < 0:
+        raise SettingsError("RATE_LIMIT_EVENTS_PER_SECOND may not be negative (0 turns it off)")
+    if 0 < s.rate_limit_events_per_second < s.max_batch_events:
+        # a batch is admitted whole or not at all: one larger than a second's allowance
+        # would be a 429 every time, and SDKs retry a 429 for ever
+        raise SettingsError(
+            f"RATE_LIMIT_EVENTS_PER_SECOND={s.rate_limit_events_per_second} is below "
+            f"MAX_BATCH_EVENTS={s.max_batch_events}: a batch of more than "
+            f"{s.rate_limit_events_per_second} events would be refused (429) every time it "
+            "is retried. Raise the rate limit to at least MAX_BATCH_EVENTS, or lower "
+            "MAX_BATCH_EVENTS to at most the rate limit."
+        )
     for name in ("shutdown_grace_seconds", "summary_memory_mb", "summary_cache_seconds"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{ENV_NAMES[name]} may not be negative")

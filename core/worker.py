@@ -22,7 +22,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 from setproctitle import setproctitle
 
-from core import store
+from core import metrics, store
 from core.connections import REDIS_ERRORS, Redis, connect_redis
 from core.lifetime import signal_on_parent_death
 from core.logs import configure_logging
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TITLE_PREFIX = "events-service"
 STARTUP_RETRY_SECONDS = 1.0
+RSS_EVERY_SECONDS = 5.0
 
 
 def set_title(role: str) -> None:
@@ -89,7 +90,19 @@ class Worker(ABC):
                 await asyncio.sleep(STARTUP_RETRY_SECONDS)
         return False
 
+    async def _report_memory(self) -> None:
+        while True:
+            metrics.report_rss(self.role)
+            await asyncio.sleep(RSS_EVERY_SECONDS)
+
     async def _main_until_stopped(self) -> None:
+        memory = asyncio.create_task(self._report_memory())
+        try:
+            await self._work_until_stopped()
+        finally:
+            memory.cancel()
+
+    async def _work_until_stopped(self) -> None:
         work = asyncio.create_task(self.main())
         stop = asyncio.create_task(self.stopping.wait())
         await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -147,9 +147,11 @@ class RollupsProcess(Worker):
                         rolled += 1
                 except HeadConflict:
                     failed += 1
+                    metrics.ROLLUP_ACCOUNT_FAILURES.labels("conflict").inc()
                     log.info("account %s was rolled by another job; retried next run", account)
                 except (PyMongoError, LookupError, *REDIS_ERRORS) as exc:
                     failed += 1
+                    metrics.ROLLUP_ACCOUNT_FAILURES.labels(type(exc).__name__).inc()
                     log.warning("rolling account %s failed: %s", account, exc)
 
         for start in range(0, len(accounts), RENEW_LEASE_EVERY):

@@ -15,26 +15,32 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 from sanic import HTTPResponse, Request, Sanic
+from sanic.response import BaseHTTPResponse
 from sanic_ext import Extend, openapi
 from sanic_ext.extensions.openapi.builders import OperationStore
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
+from sanic_ext.extensions.openapi.types import Integer, String
 
 from core import store
+from core.buckets import WINDOWS
 from core.connections import REDIS_ERRORS, connect_redis
 from core.events import batch_schema
+from core.figures import MAX_TOP
 from core.metrics import export_metrics_dir
 from core.settings import Settings, load_settings
 from core.worker import start_process
 from rollups.scheduler import rollups_process
-from service import admin, errors, ops, sdk_config, sdks
+from service import admin, data_admin, errors, ops, sdk_config, sdks
+from service.caches import WorkerMemory
 from service.cors import Cors, Handler, add_preflight, read_route, with_cors
 from service.dashboard import get_dashboard
 from service.flusher import flusher_process
+from service.http_metrics import RequestStats
 from service.ingest import limits_from, post_events
 from service.keyring import KeyRing
 from service.queue import Producer
 from service.stream import Hub, get_stream
-from service.summary import WorkerMemory, get_summary, rollup_figures
+from service.summary import get_summary
 from service.timeseries import DEFAULT_STEPS, MAX_POINTS, STEPS, get_timeseries
 from service.watchdog import Watchdog
 
@@ -60,7 +66,7 @@ def build_app(settings: Settings) -> App:
     app.ctx.settings = settings
     app.ctx.limits = limits_from(settings)
     app.ctx.cors = Cors(settings)
-    app.ctx.live_metrics = [rollup_figures]
+    app.ctx.live_metrics = [ops.rollup_figures]
     # OpenAPI only: sanic-ext's other built-ins (injection, CORS, auto OPTIONS)
     # run per request and cost ~10% of a small ingest request (py-spy)
     Extend(app, extensions=[OpenAPIExtension], built_in_extensions=False)
@@ -73,8 +79,15 @@ def build_app(settings: Settings) -> App:
         _add_routes(app)
     _add_ops_routes(app)
     app.error_handler.add(Exception, _render_error)
+    app.register_middleware(_count_answer, "response")
     _add_listeners(app, settings)
     return app
+
+
+async def _count_answer(request: Request, response: BaseHTTPResponse) -> None:
+    stats: RequestStats | None = getattr(request.app.ctx, "request_stats", None)
+    if stats is not None:
+        stats.record(request, response)
 
 
 def _render_error(request: Request, exc: Exception) -> HTTPResponse:
@@ -119,12 +132,19 @@ def _add_routes(app: App) -> None:
     sdks.add_routes(app)  # Segment/RudderStack and PostHog SDK routes, same pipeline
     sdk_config.add_routes(app)  # what browser SDKs fetch before they send
     admin.add_routes(app)
+    data_admin.add_routes(app)  # dead letters, account exports
     params: list[Any] = [
         openapi.definitions.Parameter(
-            "window", str, "query", description="15m, 1h, 6h, 24h (default), 7d or 30d"
+            "window",
+            String(enum=list(WINDOWS)),  # type: ignore[no-untyped-call]
+            "query",
+            description="15m, 1h, 6h, 24h (default), 7d or 30d",
         ),
         openapi.definitions.Parameter(
-            "top", int, "query", description="how many top users, 1..100 (default 5)"
+            "top",
+            Integer(minimum=1, maximum=MAX_TOP),  # type: ignore[no-untyped-call]
+            "query",
+            description=f"how many top users, 1..{MAX_TOP} (default 5)",
         ),
     ]
     summary = openapi.definition(
@@ -154,7 +174,10 @@ def _add_routes(app: App) -> None:
         parameter=[
             params[0],
             openapi.definitions.Parameter(
-                "step", str, "query", description=f"{steps} (default by window: {defaults})"
+                "step",
+                String(enum=list(STEPS)),  # type: ignore[no-untyped-call]
+                "query",
+                description=f"{steps} (default by window: {defaults})",
             ),
         ],
     )(read_route(get_timeseries))
@@ -171,6 +194,7 @@ def _add_routes(app: App) -> None:
         parameter=[
             openapi.definitions.Parameter("types", str, "query"),
             openapi.definitions.Parameter("users", str, "query"),
+            openapi.definitions.Parameter("key", str, "query", description="a read key"),
         ],
     )(get_stream)
     app.add_route(stream, "/stream/<account_id:str>", methods=["GET"], name="stream",
@@ -198,8 +222,10 @@ def _add_listeners(app: App, settings: Settings) -> None:
         app.ctx.producer = Producer(app.ctx.redis, settings)
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
-        app.ctx.summary_memory = WorkerMemory.for_settings(settings)
+        app.ctx.read_memory = WorkerMemory.for_settings(settings, app.ctx.redis)
         app.ctx.stream_hub = Hub(settings, app.ctx.redis)
+        app.ctx.request_stats = RequestStats(settings.access_log)
+        app.ctx.request_stats.start()
         app.ctx.keyring = KeyRing(settings, app.ctx.db, app.ctx.redis)
         if settings.keys_required:
             with contextlib.suppress(PyMongoError, *REDIS_ERRORS):
@@ -217,6 +243,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
     @app.after_server_stop
     async def disconnect(app: App) -> None:
         await app.ctx.keyring.stop()
+        await app.ctx.request_stats.stop()
         await app.ctx.redis.aclose()
         await app.ctx.mongo.close()
 

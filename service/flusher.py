@@ -42,7 +42,7 @@ from core.settings import Settings
 from core.store import Document
 from core.worker import Worker, run_worker
 from service.live_events import Publisher
-from service.queue import Consumer, Entry, Retirement
+from service.queue import Consumer, Entry, Failure, Retirement
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,9 @@ class Flusher(Worker):
         # flushers of different slots start on different partitions
         parts = parts[slot % len(parts) :] + parts[: slot % len(parts)]
         self.consumers = [Consumer(self.redis, p, self.name, settings) for p in parts]
-        self._failures: dict[str, int] = {}
+        # batch id -> (failed attempts, epoch ms of the first): in this process only, so
+        # a restarted flusher (or another that claims the entry) starts counting again
+        self._failures: dict[str, tuple[int, int]] = {}
         self.live = Publisher(self.redis, settings)
         self._last_claim = 0.0
         self._entry_size = 100.0  # events per stream entry, a running average
@@ -207,7 +209,9 @@ class Flusher(Worker):
             try:
                 events = decode_events(entry.body)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                undecodable.append(Retirement(entry, dead_reason=f"undecodable entry: {exc}"))
+                at = int(now.timestamp() * 1000)
+                undecodable.append(Retirement(entry, dead_reason=f"undecodable entry: {exc}",
+                                              failure=Failure(1, at, at)))  # fmt: skip
                 continue
             batches.append(Batch(entry, [to_document(e, entry.batch_id, now) for e in events]))
         if undecodable:
@@ -304,8 +308,10 @@ class Flusher(Worker):
 
     async def _count_failure(self, consumer: Consumer, batch: Batch, reason: str) -> None:
         key = batch.entry.batch_id
-        attempts = self._failures.get(key, 0) + 1
-        self._failures[key] = attempts
+        now = int(time.time() * 1000)
+        attempts, first = self._failures.get(key, (0, now))
+        attempts += 1
+        self._failures[key] = (attempts, first)
         metrics.FLUSH_ERRORS.labels("permanent").inc()
         log.warning("entry %s failed (%d/%d): %s", key, attempts,
                     self.settings.dead_letter_after, reason)  # fmt: skip
@@ -314,7 +320,9 @@ class Flusher(Worker):
             return
         # whatever of it did get stored still counts: read it back
         stored = await self._retry("read back", lambda: self._read_back(batch.entry))
-        await self._retire(consumer, [Retirement(batch.entry, tails_of(stored), reason)])
+        accounts = ",".join(sorted({d["account_id"] for d in batch.docs}))
+        failure = Failure(attempts, first, now, accounts)
+        await self._retire(consumer, [Retirement(batch.entry, tails_of(stored), reason, failure)])
         self._failures.pop(key, None)
 
     async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:

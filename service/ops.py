@@ -1,4 +1,5 @@
-"""GET /health, /ready and /metrics."""
+"""GET /health, /ready and /metrics, with the operations figures read at scrape time (queue,
+processes, rollup lag)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import asyncio
 from sanic import HTTPResponse, Request
 
 from core import keys, metrics
+from core.connections import REDIS_ERRORS
 from core.metrics import Live
 from core.settings import Settings
+from core.tail import redis_time_ms
 from service.responses import json_response
 from service.watchdog import role_of
 
@@ -107,6 +110,26 @@ def _process_figures(request: Request) -> dict[str, Live]:
     return {
         "process_restarts": Live(
             "Dead processes restarted since start-up, by role", restarts, "process"
+        )
+    }
+
+
+async def rollup_figures(request: Request) -> dict[str, Live]:
+    settings: Settings = request.app.ctx.settings
+    redis = request.app.ctx.redis
+    try:  # not pipelined: a cluster pipeline refuses TIME
+        now_reply = await redis.time()
+        minute = await redis.get(keys.rollup_progress(settings))
+    except REDIS_ERRORS:
+        return {}
+    if minute is None:
+        return {}
+    lag = (redis_time_ms(now_reply) - int(minute)) / 1000
+    return {
+        "rollup_lag_seconds": Live(
+            "Seconds since the minute the last complete rollover pass rolled to "
+            "(healthy: below 60 + ROLLUP_INTERVAL_SECONDS)",
+            lag,
         )
     }
 

@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from core import tail
 from core.connections import REDIS_ERRORS, Redis
-from core.keys import GROUP, Partition, partition_of
+from core.keys import GROUP, Partition, partition_of, partitions
 from core.settings import Settings
 from core.tail import TailEvents
 
@@ -82,8 +82,10 @@ QUEUED, QUEUE_FULL, RATE_LIMITED = 1, -1, -2
 #
 # KEYS: stream, depth, dirty set, dead-letter stream, then the tail keys
 # ARGV: group, consumer, number of entries, then per entry:
-#   id, event count, dead-letter reason ("" = none), body ("" unless dead-lettered),
-#   number of tails k, then k times: tail key index (into KEYS), account, events blob
+#   id, event count, dead-letter reason ("" = none), body, attempts, first and last
+#   failure (epoch ms), events it stored, accounts (comma-separated) (the last six ""
+#   unless dead-lettered), number of tails k, then k times: tail key index (into
+#   KEYS), account, events blob
 # returns per entry 1 (retired here) or 0 (no longer ours)
 _RETIRE = """
 local group, consumer = ARGV[1], ARGV[2]
@@ -91,15 +93,18 @@ local pos = 4
 local out = {}
 for e = 1, tonumber(ARGV[3]) do
   local id, count, reason, body = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 3]
-  local tails = tonumber(ARGV[pos + 4])
-  pos = pos + 5
+  local tails = tonumber(ARGV[pos + 9])
+  local dead = pos + 4
+  pos = pos + 10
   local owned = redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer)
   if #owned == 1 and redis.call('XACK', KEYS[1], group, id) == 1 then
     redis.call('XDEL', KEYS[1], id)
     redis.call('DECRBY', KEYS[2], count)
     if reason ~= '' then
       redis.call('XADD', KEYS[4], '*', 'count', count, 'body', body, 'reason', reason,
-                 'source_id', id)
+                 'source_id', id, 'attempts', ARGV[dead], 'first_failure', ARGV[dead + 1],
+                 'last_failure', ARGV[dead + 2], 'stored', ARGV[dead + 3],
+                 'accounts', ARGV[dead + 4])
     end
     for t = 1, tails do
       redis.call('XADD', KEYS[tonumber(ARGV[pos])], '*', 'e', ARGV[pos + 2])
@@ -131,8 +136,11 @@ for i = 4, 3 + n do
     return 0
   end
 end
-redis.call('XACK', KEYS[1], group, unpack(ARGV, 4, 3 + n))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 4, 3 + n))
+for i = 4, 3 + n, 1000 do  -- unpack() refuses more than ~8000 values at once
+  local last = math.min(i + 999, 3 + n)
+  redis.call('XACK', KEYS[1], group, unpack(ARGV, i, last))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, i, last))
+end
 redis.call('DECRBY', KEYS[2], ARGV[4 + n])
 local pos = 5 + n
 for t = 4, #KEYS do
@@ -177,10 +185,11 @@ class Producer:
         self._tail = [str(settings.queue_max_events).encode(),
                       str(settings.rate_limit_events_per_second).encode()]  # fmt: skip
         self._waiting: dict[int, _Call] = {}
+        self._parts = partitions(settings)
         self._in_flight: set[asyncio.Task[None]] = set()
 
     async def enqueue(self, body: bytes, count: int, account_id: str, client_id: str) -> int:
-        part = partition_of(self._settings, account_id)
+        part = self._parts[0] if len(self._parts) == 1 else partition_of(self._settings, account_id)
         loop = asyncio.get_running_loop()
         if not self._waiting:
             loop.call_soon(self._send_waiting)
@@ -245,12 +254,23 @@ class Entry:
 
 
 @dataclass
+class Failure:
+    """Why and how often an entry failed, kept with it when it is dead-lettered."""
+
+    attempts: int
+    first_ms: int  # epoch ms of its first and last failed attempt
+    last_ms: int
+    accounts: str = ""  # its events' accounts, comma-separated ("": unknown)
+
+
+@dataclass
 class Retirement:
     """What to do with one entry: its stored events per account, or dead-letter it."""
 
     entry: Entry
     tails: dict[str, TailEvents] = field(default_factory=dict)  # account -> events stored
     dead_reason: str = ""
+    failure: Failure | None = None  # with dead_reason
 
 
 class Consumer:
@@ -330,10 +350,17 @@ class Consumer:
         part = self.partition
         tail_keys: dict[str, int] = {}
         args: list[Any] = [GROUP, self.name, len(retirements)]
+        now = int(time.time() * 1000)
         for r in retirements:
-            dead = bool(r.dead_reason)
-            args += [r.entry.entry_id, r.entry.count, r.dead_reason, r.entry.body if dead else "",
-                     len(r.tails)]  # fmt: skip
+            args += [r.entry.entry_id, r.entry.count, r.dead_reason]
+            if r.dead_reason:
+                failure = r.failure or Failure(1, now, now)
+                stored = sum(len(events.ts) for events in r.tails.values())
+                args += [r.entry.body, failure.attempts, failure.first_ms, failure.last_ms,
+                         stored, failure.accounts]  # fmt: skip
+            else:
+                args += ["", "", "", "", "", ""]
+            args.append(len(r.tails))
             for account, events in r.tails.items():
                 key = part.tail(account)
                 index = tail_keys.setdefault(key, len(tail_keys) + 5)

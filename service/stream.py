@@ -34,7 +34,7 @@ from service.auth import api_key_of, authorize, known_key
 from service.cors import cors_headers
 from service.errors import BadRequest, Unavailable
 from service.live_events import POLL_SECONDS, RENEW_SECONDS, mark_watched
-from service.summary import check_account
+from service.query import check_account
 
 log = logging.getLogger(__name__)
 

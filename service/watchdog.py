@@ -103,6 +103,7 @@ class Watchdog(threading.Thread):
         # restarts are counted by Sanic itself ("starts" in its shared worker
         # state), which /metrics exposes as process_restarts
         while not self._stopping.wait(self._interval):
+            metrics.report_rss("main")
             for process in list(self._manager.processes):
                 if process.is_alive() or process.state in (
                     ProcessState.RESTARTING,

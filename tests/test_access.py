@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from tests.conftest import AppFactory
-from tests.support import drained, eventually, make_event, unique
+from tests.support import drained, eventually, ids, make_event, unique
 
 
 async def test_api_keys_for_writing_and_reading(app: AppFactory) -> None:
@@ -46,24 +48,58 @@ async def test_api_keys_for_writing_and_reading(app: AppFactory) -> None:
     assert ok.status_code == 200 and ok.json()["total"] == 2
 
 
-async def test_rate_limit_answers_429_with_retry_after(app: AppFactory) -> None:
-    running = await app(rate_limit_events_per_second=100)
+async def next_second(after: float = 0, margin: float = 0.3) -> int:
+    """Wait until a second of the clock later than ``after`` has just begun (the limit counts
+    per second of the service's clock, the same as this one: the app runs in this
+    process); return it."""
+
+    def begun() -> float:
+        now = time.time()
+        return now if int(now) > after and now % 1 < margin else 0
+
+    return int(await eventually(begun, 3, 0.005, what="the start of a second"))
+
+
+async def test_rate_limit_refuses_exactly_the_batches_over_the_limit(app: AppFactory) -> None:
+    """100 events/s per client: within one second, batches are admitted while they fit
+    (a smaller one after a refusal still does), each refusal is a 429 with Retry-After;
+    the next second admits a whole MAX_BATCH_EVENTS batch again. Exactly the admitted
+    batches are stored."""
+    running = await app(rate_limit_events_per_second=100, max_batch_events=100)
     running.start_flusher()
     account = unique("rl")
-    statuses = []
-    accepted = 0
-    for i in range(8):
-        batch = [make_event(account, i * 40 + j) for j in range(40)]
+    sizes = [40, 40, 40, 20, 1]  # 40, 80, (120: over), 100, (101: over)
+    accepted: list[str] = []
+    n = 0
+
+    async def send(size: int) -> httpx.Response:
+        nonlocal n
+        batch = [make_event(account, n + j) for j in range(size)]
+        n += size
         response = await running.post(batch)
-        statuses.append(response.status_code)
         if response.status_code == 202:
-            accepted += 40
+            accepted.extend(e["event_id"] for e in batch)
         else:
-            assert response.status_code == 429
+            assert response.status_code == 429, response.text
             assert response.json()["error"] == "rate_limited"
             assert int(response.headers["retry-after"]) >= 1
-    assert 429 in statuses
-    await eventually(drained(running.backends, account, accepted), what=f"the {accepted} accepted")
+        return response
+
+    for _ in range(5):  # the rare second that ends mid-way is tried again
+        second = await next_second()
+        statuses = [(await send(size)).status_code for size in sizes]
+        if int(time.time()) == second:
+            break
+    else:
+        raise AssertionError("could not send five batches within one second")
+    assert statuses == [202, 202, 429, 202, 429]
+    await next_second(after=second)
+    whole = await send(100)  # a batch as large as the limit: admitted in a fresh second
+    assert whole.status_code == 202
+    assert len(accepted) >= 200
+    await eventually(drained(running.backends, account, len(accepted)),
+                     what=f"the {len(accepted)} accepted")  # fmt: skip
+    assert ids(running.backends.stored(account)) == sorted(accepted)
 
 
 async def test_full_queue_sheds_with_503_and_recovers_when_drained(app: AppFactory) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.stack import Stack, free_port
 from tests.conftest import ServiceFactory
@@ -23,12 +24,22 @@ def two_workers(start_service: ServiceFactory) -> tuple[Service, Backends]:
     return start_service(workers=2)
 
 
+def samples(service: Service) -> dict[str, float]:
+    """Every sample of /metrics by its name and labels as written (``name{label="v"}``);
+    the HELP and TYPE lines, which name every metric too, are not samples."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{service.url}/metrics").text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return found
+
+
 def metric(service: Service, name: str) -> float:
-    """A metric's value; a missing one fails (it must not pass as 0)."""
-    text = httpx.get(f"{service.url}/metrics").text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert match, f"{name} is not in /metrics"
-    return float(match.group(1))
+    """A sample's value; a missing one fails (it must not pass as 0)."""
+    found = samples(service)
+    assert name in found, f"{name} is not a sample of /metrics: {sorted(found)}"
+    return found[name]
 
 
 def test_two_workers_serve_and_the_flusher_drains(two_workers: tuple[Service, Backends]) -> None:
@@ -97,12 +108,15 @@ def test_health_ready_metrics_and_openapi(two_workers: tuple[Service, Backends])
         f"{service.url}/events", content=b"[", headers={"content-type": "application/json"}
     )
     assert bad.status_code == 400
-    text = httpx.get(f"{service.url}/metrics").text
-    assert 'ingest_requests_rejected_total{reason="invalid_json"}' in text
-    for name in ("events_accepted_total", "ingest_requests_rejected_total", "flush_seconds",
-                 "queue_depth_events", "dead_letter_entries", "process_restarts",
-                 "rollup_dirty_accounts"):  # fmt: skip
-        assert name in text
+    found = samples(service)
+    assert found['ingest_requests_rejected_total{reason="invalid_json"}'] >= 1
+    for name in ("events_accepted_total", "flush_seconds_count", "redis_up",
+                 'queue_depth_events{partition="0"}', 'dead_letter_entries{partition="0"}',
+                 'rollup_dirty_accounts{partition="0"}',
+                 'process_restarts{process="http"}', 'process_restarts{process="flusher"}',
+                 'process_restarts{process="rollups"}'):  # fmt: skip
+        assert found.get(name, -1) >= 0, f"no sample {name}: {sorted(found)}"
+    assert found["redis_up"] == 1
     spec = httpx.get(f"{service.url}/docs/openapi.json").json()
     assert {"/events", "/summary/{account_id}", "/summary"} <= set(spec["paths"])
 

@@ -16,9 +16,12 @@ import pytest
 
 from core import keys, tail
 from core.buckets import HOUR, MINUTE, WINDOWS, floor, ms, to_datetime, window_start
+from core.figures import Figures
 from core.rollup_docs import read_head
+from rollups.lease import Lease
 from rollups.rollover import HeadConflict, Roller, next_change
-from service.summary import Figures, Raced, Snapshot, figures_at, read_tail
+from service.snapshot import Raced, Snapshot
+from service.summary import figures_at
 from tests.conftest import AppFactory, Running
 from tests.oracle import ground_truth
 from tests.support import drained, eventually, iso, unique
@@ -41,8 +44,8 @@ async def store_all(running: Running, account: str, events: list[Doc], expected:
 
 async def figures(running: Running, account: str, window: str, to: int) -> Figures:
     """What /summary says for ``window`` at the moment ``to`` (epoch ms)."""
-    snapshot = await read_tail(running.redis, running.settings, account, window)
-    return await figures_at(running.db, Snapshot(to, snapshot.entries, ""), account, window)
+    read = await tail.read_tails(running.redis, keys.partitions(running.settings), account)
+    return await figures_at(running.db, Snapshot(to, read.entries), account, window)
 
 
 def truth(running: Running, account: str, window: str, to: int) -> dict[str, Any]:
@@ -154,9 +157,9 @@ async def test_a_reader_racing_a_rollover_reads_again(running: Running) -> None:
     minute = floor(ms(now), "minute")
     roller = Roller(running.db, running.redis, running.settings)
     await roller.roll(account, minute + 2 * MINUTE)
-    snap = await read_tail(running.redis, running.settings, account, "1h")
+    snap = await tail.read_tails(running.redis, keys.partitions(running.settings), account)
     with pytest.raises(Raced):  # the head is ahead of the reader's minute
-        await figures_at(running.db, Snapshot(ms(now), snap.entries, ""), account, "1h")
+        await figures_at(running.db, Snapshot(ms(now), snap.entries), account, "1h")
 
 
 async def test_retention_edge_events_count_in_every_covering_window(app: AppFactory) -> None:
@@ -249,3 +252,25 @@ async def test_a_rollover_trims_more_tail_entries_than_lua_unpacks_at_once(
     assert await running.redis.xlen(part.tail(account)) == 0
     got = await figures(running, account, "24h", ms(now))
     assert (got.total, got.unique_users) == (10_000, 7)
+
+
+async def test_the_lease_is_held_by_one_at_a_time_extended_released_and_lapses(
+    running: Running,
+) -> None:
+    """rollups/lease.py (redis-py's Lock): a second contender cannot take it while the
+    holder extends it; it can once the holder lets go, or once the holder stops
+    extending and its ttl runs out, and then the old holder cannot extend it."""
+    key = unique("lease")
+    one = Lease(running.redis, key, 0.5, "one")
+    two = Lease(running.redis, key, 0.5, "two")
+    assert await one.hold() and not await two.hold()
+    for _ in range(3):  # extended for longer than the ttl: still one's
+        await asyncio.sleep(0.2)
+        assert await one.hold() and not await two.hold()
+    assert (await running.redis.get(key)).decode() == one.token  # says who holds it
+    await one.release()
+    assert await two.hold() and not await one.hold()
+    await eventually(one.hold, 5, 0.05, what="two's lease to lapse")  # two stopped extending
+    assert not await two.hold()  # one took it meanwhile
+    await two.release()  # not two's: nothing happens
+    assert (await running.redis.get(key)).decode() == one.token

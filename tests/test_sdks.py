@@ -572,7 +572,7 @@ async def test_sdk_routes_share_the_queue_bound(app: AppFactory) -> None:
 
 
 async def test_sdk_routes_share_the_rate_limit(app: AppFactory) -> None:
-    running = await app(rate_limit_events_per_second=5)
+    running = await app(rate_limit_events_per_second=5, max_batch_events=5)
     account = unique("acc")
     statuses = []
     for i in range(4):

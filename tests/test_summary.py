@@ -167,12 +167,27 @@ async def test_windows_report_the_range_they_counted(running: Running) -> None:
     "params",
     [{"window": "2h"}, {"window": ""}, {"top": "0"}, {"top": "101"}, {"top": "abc"},
      {"top": "-1"}, {"top": "5.5"}, {"top": "²"}, {"top": "٣"}, {"top": "1e2"},
-     {"window": "24h\x00"}],
+     {"window": "24h\x00"}, {"top": ""}, {"top": " 5"}, {"top": "+5"}, {"top": "0x5"},
+     {"top": "9" * 4301}, {"top": "0" * 5000 + "5"}, {"top": "0005"}],
 )  # fmt: skip
 async def test_bad_parameters_are_400(running: Running, params: dict[str, str]) -> None:
+    """4,301 nines, or 5,000 zeros and a 5: int() refuses over 4,300 digits (a 500 before)."""
     response = await running.client.get("/summary/acc_1", params=params)
     assert response.status_code == 400
     assert response.json()["error"] == "bad_request"
+    if "top" in params:
+        assert response.json()["field"] == "top"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(top=st.text(max_size=5) | st.integers(-10, 1000).map(str)
+       | st.from_regex(r"0{0,3}[0-9]{1,3}", fullmatch=True))  # fmt: skip
+async def test_top_is_one_to_three_ascii_digits_from_1_to_100(running: Running, top: str) -> None:
+    response = await running.client.get("/summary/acc_1", params={"top": top})
+    valid = len(top) <= 3 and top.isascii() and top.isdigit() and 1 <= int(top) <= 100
+    assert response.status_code == (200 if valid else 400), (top, response.text)
+    if valid:
+        assert len(response.json()["top_users"]) <= int(top)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +264,7 @@ async def test_a_worker_reads_only_the_tail_stored_since_its_last_summary(
 ) -> None:
     """Under load an account's tail is thousands of entries; each summary reads only
     what was stored since the worker's last one, through a same-minute rollover
-    that applies late events too, and stays exact (service/live_tail.py)."""
+    that applies late events too, and stays exact (service/tail_counts.py)."""
     running = await app(summary_cache_seconds=0)
     running.start_flusher()
     roller = Roller(running.db, running.redis, running.settings)
@@ -405,3 +420,46 @@ def test_rollups_processes_killed_and_running_twice_stay_exact(
             truth = ground_truth(backends.events, account, parse_iso(got["from"]),
                                  parse_iso(got["to"]), 5)  # fmt: skip
             assert figures(got) == truth, window
+
+
+@pytest.mark.parametrize("route", ["summary", "timeseries"])
+async def test_a_second_rollover_in_the_same_minute_never_brings_back_an_older_answer(
+    app: AppFactory, route: str
+) -> None:
+    """A rollover trims the tail; a second one in the same minute (late events arrived)
+    trims it back to what it was after the first. The answer cached after the first
+    must not come back: the head's version is part of every cache key."""
+    running = await app(summary_cache_seconds=60)
+    running.start_flusher()
+    roller = Roller(running.db, running.redis, running.settings)
+
+    async def total(account: str) -> tuple[int, int]:
+        """The answer's total (exact: checked against the raw events) and its minute."""
+        response = await running.client.get(f"/{route}/{account}")
+        assert response.status_code == 200, response.text
+        got = response.json()
+        start, end = parse_iso(got["from"]), parse_iso(got["to"])
+        expected = ground_truth(running.backends.events, account, start, end, 5)
+        assert got["total"] == expected["total"], (route, got["total"], expected)
+        return got["total"], minute_of_to(response)
+
+    async def within_one_minute() -> bool:
+        account = unique("again")
+        minute = floor(ms(datetime.now(UTC)), "minute")
+        late = datetime.now(UTC) - timedelta(minutes=3)
+        minutes = []
+        for n in range(2):
+            assert (await running.post([make_event(account, n, ts=late)])).status_code == 202
+            await eventually(drained(running.backends, account, n + 1), what="stored")
+            assert await roller.roll(account, minute) is not None
+            assert running.backends.tail_entries(account) == 0  # trimmed: as after the first
+            counted, to_minute = await total(account)
+            assert counted == n + 1
+            minutes.append(to_minute)
+        return minutes == [minute, minute]  # else the minute turned: try again
+
+    for _ in range(3):
+        if await within_one_minute():
+            break
+    else:
+        raise AssertionError("the minute kept turning")

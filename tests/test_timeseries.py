@@ -19,8 +19,11 @@ import pytest
 
 from core import keys
 from core.buckets import HOUR, MINUTE, WINDOWS, floor, ms
+from core.keys import partitions
+from core.tail import read_tails
 from rollups.rollover import Roller
-from service.summary import Raced, Snapshot, figures_at, read_tail
+from service.snapshot import Raced, Snapshot
+from service.summary import figures_at
 from service.timeseries import READ_BY_ID, timeline_at
 from tests.conftest import AppFactory, Running
 from tests.oracle import parse_iso
@@ -177,8 +180,8 @@ async def test_points_add_up_to_the_summary_at_any_moment(running: Running) -> N
             if rolled:
                 await roller.roll(account, floor(moment, "minute"))
             for window, step in CASES:
-                tail = await read_tail(running.redis, running.settings, account, window)
-                snapshot = Snapshot(moment, tail.entries, "")
+                tail = await read_tails(running.redis, partitions(running.settings), account)
+                snapshot = Snapshot(moment, tail.entries)
                 series = await timeline_at(running.db, snapshot, account, window, step)
                 figures = await figures_at(running.db, snapshot, account, window)
                 body, summary = series.body(), figures.body(5)
@@ -198,12 +201,12 @@ async def test_a_series_racing_a_rollover_reads_again(running: Running) -> None:
     minute = floor(ms(now), "minute")
     roller = Roller(running.db, running.redis, running.settings)
     await roller.roll(account, minute + 2 * MINUTE)
-    tail = await read_tail(running.redis, running.settings, account, "1h")
+    tail = await read_tails(running.redis, partitions(running.settings), account)
     with pytest.raises(Raced):  # the head is ahead of the reader's minute
-        await timeline_at(running.db, Snapshot(ms(now), tail.entries, ""), account, "1h", "5m")
+        await timeline_at(running.db, Snapshot(ms(now), tail.entries), account, "1h", "5m")
     # a named hour bucket gone (superseded, then deleted by the next rollover): read again,
     # whether the hours are read one by one (24h) or all in one query (30d)
-    later = Snapshot(minute + 2 * MINUTE, tail.entries, "")
+    later = Snapshot(minute + 2 * MINUTE, tail.entries)
     hours = running.backends.db[keys.HOURS]
     newest = max(hours.find({"account_id": account}), key=lambda d: d["start"])
     hours.delete_one({"_id": newest["_id"]})
@@ -279,3 +282,71 @@ async def test_the_routes_are_in_the_openapi_document(running: Running) -> None:
     names = {p["name"] for p in paths["/timeseries/{account_id}"]["get"]["parameters"]}
     assert {"account_id", "window", "step"} <= names
     assert "get" in paths["/dashboard"]
+
+
+async def test_series_are_cached_and_a_newly_stored_event_is_never_hidden(
+    app: AppFactory,
+) -> None:
+    running = await app(summary_cache_seconds=60)
+    running.start_flusher()
+    account = unique("cached")
+    now = datetime.now(UTC)
+    await store(running, account, [event(account, i, now - timedelta(minutes=i)) for i in range(5)],
+                5)  # fmt: skip
+    params = {"window": "1h", "step": "5m"}
+
+    async def second_is_a_hit() -> bool:  # the minute may turn between two requests
+        first = await running.client.get(f"/timeseries/{account}", params=params)
+        again = await running.client.get(f"/timeseries/{account}", params=params)
+        return again.headers["x-cache"] == "hit" and again.content == first.content
+
+    await eventually(second_is_a_hit, 10, what="a cached series")
+    cached = await running.client.get(f"/timeseries/{account}", params=params)
+    assert cached.headers["x-cache"] == "hit" and cached.json()["total"] == 5
+    await store(running, account, [event(account, 99, now - timedelta(minutes=30))], 6)
+    fresh = await running.client.get(f"/timeseries/{account}", params=params)
+    assert fresh.headers["x-cache"] == "miss", "the cache must be keyed by what is stored"
+    check_points(fresh.json(), raw_events(running, account), "5m")
+    assert fresh.json()["total"] == 6
+
+
+async def test_a_30d_series_reads_the_windows_hours_once_then_only_new_ones(
+    app: AppFactory,
+) -> None:
+    """Hour buckets older than the window are never read, and a worker keeps the hour
+    buckets it read (they are immutable): the next series reads only what is new."""
+    running = await app(raw_retention_days=40, summary_cache_seconds=0)
+    running.start_flusher()
+    account = unique("bounded")
+    now = datetime.now(UTC)
+    older = [event(account, i, now - timedelta(days=31, hours=i)) for i in range(120)]
+    within = [event(account, 1000 + i, now - timedelta(hours=2 + 7 * i)) for i in range(60)]
+    await store(running, account, older + within, 180)
+    roller = Roller(running.db, running.redis, running.settings)
+    await roller.roll(account, floor(ms(datetime.now(UTC)), "minute"))
+    hours = running.backends.db[keys.HOURS]
+    assert hours.count_documents({"account_id": account}) == 180  # one hour each
+
+    async def series() -> tuple[int, dict[str, Any]]:
+        """Store documents read for a 30d series, and its body (checked point by point)."""
+        response = await running.client.get(
+            f"/timeseries/{account}", params={"window": "30d", "step": "1d"}
+        )
+        assert response.status_code == 200, response.text
+        check_points(response.json(), raw_events(running, account), "1d")
+        return int(response.headers["x-documents-read"]), response.json()
+
+    read, body = await series()
+    assert body["total"] == 60
+    # the head came with the tail (its Redis copy), then its bucket index and the 60
+    # hours of the window in one query; not the 120 older ones (it read the head from
+    # the store, the index and all 180 hours: 182 documents, before)
+    assert read == 1 + 60, read
+    read, _ = await series()
+    assert read == 0, "every document is in the worker's memory now"
+    late = [event(account, 5000, now - timedelta(hours=5))]  # an hour without a bucket yet
+    await store(running, account, late, 181)
+    await roller.roll(account, floor(ms(datetime.now(UTC)), "minute"))
+    read, body = await series()
+    assert body["total"] == 61
+    assert read == 2, "the new head's bucket index and the one new hour"

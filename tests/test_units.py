@@ -8,6 +8,7 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -40,12 +41,13 @@ from core.events import (
     unwrap_envelope,
     validate_batch,
 )
+from core.figures import Figures, combine
 from core.settings import SettingsError, load_settings
 from core.tail import TailEvents, encode, parse_entries, parse_id
+from service.caches import SingleFlight
 from service.errors import BadRequest, BodyTooLarge
 from service.sdk_bodies import gunzip
 from service.sdk_messages import FALLBACK_TYPE, type_from_name
-from service.summary import Figures, SingleFlight, combine
 
 LIMITS = Limits(1000, timedelta(minutes=5), timedelta(days=7), 8192, 8)
 
@@ -87,8 +89,14 @@ def test_environment_overrides_are_typed() -> None:
         ({"PORT": "70000"}, "PORT must be at most 65535"),
         ({"CLOCK_SKEW_THRESHOLD_SECONDS": "-1"}, "CLOCK_SKEW_THRESHOLD_SECONDS must be"),
         ({"CLOCK_SKEW_THRESHOLD_SECONDS": "nan"}, "CLOCK_SKEW_THRESHOLD_SECONDS must be"),
+        # a batch over a second's allowance would be a 429 every time it is retried
+        ({"RATE_LIMIT_EVENTS_PER_SECOND": "100"},
+         "RATE_LIMIT_EVENTS_PER_SECOND=100 is below MAX_BATCH_EVENTS=1000"),
+        ({"RATE_LIMIT_EVENTS_PER_SECOND": "50", "MAX_BATCH_EVENTS": "51"},
+         "RATE_LIMIT_EVENTS_PER_SECOND=50 is below MAX_BATCH_EVENTS=51"),
+        ({"RATE_LIMIT_EVENTS_PER_SECOND": "-5"}, "RATE_LIMIT_EVENTS_PER_SECOND may not be"),
     ],
-)
+)  # fmt: skip
 def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
         load_settings(env)
@@ -106,14 +114,63 @@ json_values = st.recursive(
 
 @settings(max_examples=500, deadline=None)
 @given(body=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
-def test_validator_accepts_or_explains_any_body(body: bytes) -> None:
+def test_validator_refuses_any_other_body_and_says_why(body: bytes) -> None:
+    """None of these bodies is a batch of valid events (a timestamp takes 20 characters
+    or more, these strings 10 at most): each is not JSON, or refused with 1..50 reasons
+    that each point into the batch."""
     try:
-        events, problems = validate_batch(body, LIMITS, now_utc())
+        _, problems = validate_batch(body, LIMITS, now_utc())
     except NotJSON:
         return
-    assert events or problems  # never a silent nothing
+    assert 1 <= len(problems) <= 50, problems
+    assert all(problem.message for problem in problems)
+    try:
+        items = json.loads(body)
+    except ValueError:  # not an array: refused before reading further
+        assert all(problem.index is None for problem in problems), problems
+        return
     for problem in problems:
-        assert problem.message
+        if problem.index is not None:
+            assert isinstance(items, list) and 0 <= problem.index < len(items), problem
+
+
+valid_events = st.lists(
+    st.fixed_dictionaries({
+        "account_id": st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True),
+        "user_id": st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")),
+                           min_size=1, max_size=20),
+        "type": st.from_regex(r"[a-z0-9_.:-]{1,64}", fullmatch=True),
+        "seconds_ago": st.integers(0, 6 * 24 * 3600),
+    }),
+    min_size=1, max_size=5,
+)  # fmt: skip
+breakages = {"event_id": "", "account_id": "a b", "user_id": "\x00", "type": "Upper",
+             "timestamp": "yesterday", "metadata": []}  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=valid_events,
+    broken=st.none() | st.tuples(st.integers(0, 4), st.sampled_from(sorted(breakages))),
+)
+def test_validator_takes_a_valid_batch_whole_or_names_the_broken_field(
+    batch: list[dict[str, Any]], broken: tuple[int, str] | None
+) -> None:
+    now = now_utc()
+    events = [{"event_id": f"e{i}", "account_id": e["account_id"], "user_id": e["user_id"],
+               "type": e["type"], "timestamp": (now - timedelta(seconds=e["seconds_ago"]))
+               .isoformat()} for i, e in enumerate(batch)]  # fmt: skip
+    if broken is not None and broken[0] < len(events):
+        index, field = broken
+        events[index][field] = breakages[field]
+        _, problems = validate_batch(json.dumps(events).encode(), LIMITS, now)
+        assert [(p.index, p.field) for p in problems] == [(index, field)], problems
+        return
+    taken, problems = validate_batch(json.dumps(events).encode(), LIMITS, now)
+    assert problems == []
+    assert [(e.event_id, e.account_id, e.user_id, e.type) for e in taken] == [
+        (e["event_id"], e["account_id"], e["user_id"], e["type"]) for e in events
+    ]
 
 
 field_text = st.text(
@@ -259,6 +316,15 @@ def test_tail_entries_round_trip() -> None:
     assert entry.events == events and entry.newest == 2
     assert parse_id("5-0") < parse_id("5-1") < parse_id("6-0")
     assert len(WINDOWS) == 6
+
+
+def test_a_rate_limit_at_least_the_largest_batch_is_accepted() -> None:
+    assert (
+        load_settings({"RATE_LIMIT_EVENTS_PER_SECOND": "1000"}).rate_limit_events_per_second == 1000
+    )
+    limited = load_settings({"RATE_LIMIT_EVENTS_PER_SECOND": "100", "MAX_BATCH_EVENTS": "100"})
+    assert (limited.rate_limit_events_per_second, limited.max_batch_events) == (100, 100)
+    assert load_settings({"MAX_BATCH_EVENTS": "5"}).rate_limit_events_per_second == 0  # off
 
 
 def test_clock_skew_threshold_setting() -> None:

@@ -1,4 +1,7 @@
-"""Each HTTP worker's running count of an account's live tail: a summary reads only what is new.
+"""Each HTTP worker's running counts of accounts' live tails: a summary reads only what is new.
+
+The tail itself (what it holds, how it is read) is ``core/tail.py``; this module
+holds what one worker has counted of it.
 
 An account's tail holds every batch stored since its last rollover. Under
 ``make k6-load`` (20 accounts, ~110 small batches a second) that is thousands
@@ -25,9 +28,11 @@ miss a trimmed entry sees a new head, hence a new basis, and counts afresh.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from cachetools import LRUCache
 
 from core.buckets import Counts
 from core.rollup_docs import Head
@@ -178,14 +183,10 @@ class RunningTails:
     """One worker's running counts by (account, window); the least recently used go first."""
 
     def __init__(self, limit: int = KEPT_COUNTS) -> None:
-        self._limit = limit
-        self._kept: OrderedDict[tuple[str, str], Running] = OrderedDict()
+        self._kept: LRUCache[tuple[str, str], Running] = LRUCache(limit)
 
     def get(self, account: str, window: str) -> Running | None:
-        running = self._kept.get((account, window))
-        if running is not None:
-            self._kept.move_to_end((account, window))
-        return running
+        return self._kept.get((account, window))
 
     def keep(self, account: str, window: str, running: Running) -> None:
         """Keep the newer of this count and the one kept (concurrent summaries race here)."""
@@ -193,12 +194,6 @@ class RunningTails:
         if kept is not None and kept.basis == running.basis and kept.to > running.to:
             return
         self._kept[(account, window)] = running
-        self._kept.move_to_end((account, window))
-        while len(self._kept) > self._limit:
-            self._kept.popitem(last=False)
-
-    def forget(self, account: str, window: str) -> None:
-        self._kept.pop((account, window), None)
 
     def __len__(self) -> int:
         return len(self._kept)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from core.buckets import HOUR, MINUTE, Counts
 from core.rollup_docs import Head
 from core.tail import StreamId, TailEntry, TailEvents
-from service.live_tail import Basis, Running, RunningTails
+from service.tail_counts import Basis, Running, RunningTails
 
 MINUTE_S = 600 * MINUTE  # the head's minute
 START = MINUTE_S - HOUR  # a 1h window asked during minute S

@@ -1,0 +1,15 @@
+"""Admin routes over the data itself: dead letters (``service/dead_letters.py``) and
+account exports (``service/export.py``), registered together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sanic import Sanic
+
+from service import dead_letters, export
+
+
+def add_routes(app: Sanic[Any, Any]) -> None:
+    dead_letters.add_routes(app)
+    export.add_routes(app)
