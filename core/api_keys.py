@@ -42,6 +42,8 @@ PERMISSIONS: Mapping[str, frozenset[str]] = {
     "read+write": frozenset({"read", "write"}),
 }
 MAX_LABEL = 200
+QUOTAS = ("events_per_second", "types_per_day", "accounts_per_hour")
+MAX_QUOTA = 10**9
 MAX_ACCOUNTS = 1000
 
 
@@ -63,6 +65,8 @@ class ApiKey:
     revoked_at: datetime | None = None
     hash: str = ""
     bootstrap: bool = False
+    # this key's own per-account limits (service/quotas.py), replacing the settings
+    quotas: Mapping[str, int] = field(default_factory=dict)
     permissions: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +103,7 @@ class ApiKey:
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
             "revoked_at": _iso(self.revoked_at),
+            "quotas": dict(self.quotas),
         }
 
 
@@ -127,6 +132,16 @@ def bootstrap_keys(entries: Mapping[str, tuple[str, frozenset[str]]]) -> dict[st
                      hash=digest(raw))  # fmt: skip
         out[key.hash] = key
     return out
+
+
+def check_quotas(quotas: Mapping[str, int]) -> dict[str, int]:
+    unknown = sorted(set(quotas) - set(QUOTAS))
+    if unknown:
+        raise KeyRequestError(f"unknown quotas {unknown}: use {', '.join(QUOTAS)}")
+    for name, value in quotas.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_QUOTA:
+            raise KeyRequestError(f"quota {name} must be a whole number 0..{MAX_QUOTA} (0: off)")
+    return dict(quotas)
 
 
 def check_request(scope: str, accounts: Iterable[str], label: str = "") -> frozenset[str]:
@@ -162,6 +177,7 @@ def from_document(doc: Document) -> ApiKey:
         expires_at=doc.get("expires_at"),
         revoked_at=doc.get("revoked_at"),
         hash=doc["hash"],
+        quotas=doc.get("quotas") or {},
     )
 
 
@@ -182,16 +198,19 @@ async def create(
     accounts: Iterable[str],
     label: str = "",
     expires_at: datetime | None = None,
+    quotas: Mapping[str, int] | None = None,
 ) -> tuple[ApiKey, str]:
     """Make a key; returns it with the key itself, which is never seen again."""
     wanted = check_request(scope, accounts, label)
+    limits = check_quotas(quotas or {})
     now = now_utc()
     if expires_at is not None and expires_at <= now:
         raise KeyRequestError("expires_at must be in the future")
     key_id, raw = new_key()
     doc: Document = {"_id": key_id, "hash": digest(raw), "scope": scope,
                      "accounts": sorted(wanted), "label": label, "created_at": now,
-                     "expires_at": expires_at, "revoked_at": None}  # fmt: skip
+                     "expires_at": expires_at, "revoked_at": None,
+                     "quotas": limits}  # fmt: skip
     await ensure_indexes(db)
     await db[keys.API_KEYS].insert_one(doc)
     await changed(redis, settings)
@@ -239,7 +258,7 @@ async def rotate(
         raise KeyRequestError("the old key's overlap may not be negative")
     new, raw = await create(db, redis, settings, old.scope, old.accounts, old.label,
                             old.expires_at if old.expires_at and old.expires_at > now_utc()
-                            else None)  # fmt: skip
+                            else None, old.quotas)  # fmt: skip
     old = await revoke(db, redis, settings, key_id, now_utc() + old_valid_for)
     return new, raw, old
 

@@ -63,6 +63,18 @@ class Partition:
     def rate(self, client_id: str, second: int) -> str:
         return f"{{{self.tag}}}:rate:{client_id}:{second}"
 
+    def account_rate(self, account_id: str, second: int) -> str:
+        """Events an account added in one second (service/quotas.py)."""
+        return f"{{{self.tag}}}:arate:{account_id}:{second}"
+
+    def account_types(self, account_id: str, day: int) -> str:
+        """The distinct event types an account used on one UTC day."""
+        return f"{{{self.tag}}}:types:{account_id}:{day}"
+
+    def key_accounts(self, key_id: str, hour: int) -> str:
+        """The distinct accounts a key wrote to in one hour."""
+        return f"{{{self.tag}}}:kacc:{key_id}:{hour}"
+
 
 def partitions(settings: Settings) -> list[Partition]:
     return [Partition(i, f"{settings.stream_key}:{i}") for i in range(settings.stream_partitions)]

@@ -62,6 +62,12 @@ class Settings:
     retry_after_seconds: int = 1
     # events per second per API key (or client address when keys are off); 0 = off
     rate_limit_events_per_second: int = 0
+    # per-account quotas (service/quotas.py; a key may carry its own): events per
+    # second per account (0: off), distinct types per account per UTC day (0: off),
+    # distinct accounts a multi-account key may write per hour (0: off)
+    account_events_per_second: int = 0
+    account_types_per_day: int = 1000
+    key_accounts_per_hour: int = 0
     # "keys": every data route needs an API key (stored ones, scripts/keys.py, or
     # API_KEYS); "open": none, the write key / account names the account. Empty: keys
     # when API_KEYS is set, else open on a loopback HOST, else a refusal to start
@@ -297,6 +303,15 @@ def _check(s: Settings) -> None:
         raise SettingsError("PORT must be at most 65535")
     if s.rate_limit_events_per_second < 0:
         raise SettingsError("RATE_LIMIT_EVENTS_PER_SECOND may not be negative (0 turns it off)")
+    for name in ("account_events_per_second", "account_types_per_day", "key_accounts_per_hour"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{ENV_NAMES[name]} may not be negative (0 turns it off)")
+    if 0 < s.account_events_per_second < s.max_batch_events:
+        raise SettingsError(
+            f"ACCOUNT_EVENTS_PER_SECOND={s.account_events_per_second} is below "
+            f"MAX_BATCH_EVENTS={s.max_batch_events}: a full batch for one account would be "
+            "refused every time. Raise it to at least MAX_BATCH_EVENTS, or lower that."
+        )
     if 0 < s.rate_limit_events_per_second < s.max_batch_events:
         # a batch is admitted whole or not at all: one larger than a second's allowance
         # would be a 429 every time, and SDKs retry a 429 for ever

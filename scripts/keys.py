@@ -37,6 +37,15 @@ def duration(text: str) -> timedelta:
     return timedelta(seconds=int(match[1]) * UNITS[match[2]])
 
 
+def quota(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if name not in api_keys.QUOTAS or not value.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=NUMBER with NAME one of {', '.join(api_keys.QUOTAS)}"
+        )
+    return name, int(value)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.keys",
@@ -51,6 +60,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="an account the key acts for (repeat; * for all)")  # fmt: skip
     create.add_argument("--label", default="", help="what the key is for")
     create.add_argument("--expires-in", type=duration, help="e.g. 90d (default: never)")
+    create.add_argument("--quota", type=quota, action="append", default=[],
+                        help="this key's own limit, e.g. events_per_second=5000 (repeat; "
+                        f"{', '.join(api_keys.QUOTAS)})")  # fmt: skip
     listing = verbs.add_parser("list", help="list keys (never the keys themselves)")
     listing.add_argument("--account", help="only keys that name this account")
     listing.add_argument("--json", action="store_true", help="one JSON object per key")
@@ -84,7 +96,7 @@ async def run(args: argparse.Namespace) -> int:
         if args.verb == "create":
             expires = now_utc() + args.expires_in if args.expires_in else None
             key, raw = await api_keys.create(db, redis, settings, args.scope, args.accounts,
-                                             args.label, expires)  # fmt: skip
+                                             args.label, expires, dict(args.quota))  # fmt: skip
             print(raw)
             print(f"created {row(key, now_utc())}", file=sys.stderr)
             print("the key is shown only now: keep it somewhere safe", file=sys.stderr)

@@ -29,6 +29,7 @@ class NewKey(msgspec.Struct, forbid_unknown_fields=True):
     accounts: list[str]
     label: str = ""
     expires_at: Annotated[datetime, msgspec.Meta(tz=True)] | None = None
+    quotas: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Rotation(msgspec.Struct, forbid_unknown_fields=True):
@@ -77,7 +78,7 @@ async def create_key(request: Request) -> HTTPResponse:
     try:
         key, raw = await api_keys.create(request.app.ctx.db, request.app.ctx.redis, settings,
                                          wanted.scope, wanted.accounts, wanted.label,
-                                         wanted.expires_at)  # fmt: skip
+                                         wanted.expires_at, wanted.quotas)  # fmt: skip
     except KeyRequestError as exc:
         raise BadRequest(str(exc)) from None
     return json_response({"key": raw, **key.public()}, 201)
@@ -116,7 +117,8 @@ def add_routes(app: Sanic[Any, Any]) -> None:
             "scope": {"type": "string", "enum": list(api_keys.SCOPES)},
             "accounts": {"type": "array", "items": {"type": "string"}},
             "label": {"type": "string"},
-            "expires_at": {"type": "string", "format": "date-time"}},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "quotas": {"type": "object", "additionalProperties": {"type": "integer"}}},
             "required": ["scope", "accounts"]}},
     )(create_key)  # fmt: skip
     app.add_route(create, "/admin/keys", methods=["POST"], name="admin_create_key")

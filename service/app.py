@@ -39,6 +39,7 @@ from service.http_metrics import RequestStats
 from service.ingest import limits_from, post_events
 from service.keyring import KeyRing
 from service.queue import Producer
+from service.quotas import Quotas
 from service.stream import Hub, get_stream
 from service.summary import get_summary
 from service.timeseries import DEFAULT_STEPS, MAX_POINTS, STEPS, get_timeseries
@@ -220,6 +221,7 @@ def _add_listeners(app: App, settings: Settings) -> None:
         start_process("http", settings.log_level, title="http worker")
         app.ctx.redis = connect_redis(settings.redis_url, settings.redis_cluster)
         app.ctx.producer = Producer(app.ctx.redis, settings)
+        app.ctx.quotas = Quotas(settings)
         app.ctx.mongo = store.connect(settings, settings.summary_timeout_seconds)
         app.ctx.db = store.database(app.ctx.mongo, settings)
         app.ctx.read_memory = WorkerMemory.for_settings(settings, app.ctx.redis)

@@ -88,6 +88,13 @@ class NotFound(ApiError):
     error = "not_found"
 
 
+class QuotaExceeded(ApiError):
+    """A limit that a retry soon will not lift (distinct types per day)."""
+
+    status_code = 403
+    error = "quota_exceeded"
+
+
 class BodyTooLarge(ApiError):
     status_code = 413
     error = "body_too_large"

@@ -39,13 +39,13 @@ from service.errors import (
     BodyTooLarge,
     InvalidJSON,
     QueueFull,
-    RateLimited,
     Unavailable,
     UnsupportedMediaType,
     ValidationFailed,
     client_input,
 )
-from service.queue import QUEUE_FULL, RATE_LIMITED, Producer
+from service.queue import QUEUE_FULL, QUEUED, Producer
+from service.quotas import Quotas, refusal
 
 JSON_TYPES = ("application/json",)
 log = logging.getLogger(__name__)
@@ -157,23 +157,27 @@ async def admit(
 
 async def enqueue(request: Request, settings: Settings, batch: Batch, key: ApiKey | None) -> None:
     producer: Producer = request.app.ctx.producer
-    client_id = client_of(request, key) if settings.rate_limit_events_per_second else ""
-    retry = settings.retry_after_seconds
+    quotas: Quotas = request.app.ctx.quotas
     events = batch.events
+    part = producer.partition(events[0].account_id)
+    client_id = client_of(request, key) if settings.rate_limit_events_per_second else ""
+    limits = quotas.checks(part, key, client_id, events)
     try:
-        outcome = await producer.enqueue(batch.body, len(events), events[0].account_id,
-                                         client_id)  # fmt: skip
+        outcome, which = await producer.enqueue(part, batch.body, len(events), limits)
     except REDIS_ERRORS as exc:
         log_unreachable(exc)
         # the XADD may or may not have been applied: a retry is safe (dedupe key)
         raise Unavailable(
-            "the queue is unreachable; retry later (re-sending is safe)", retry
+            "the queue is unreachable; retry later (re-sending is safe)",
+            settings.retry_after_seconds,
         ) from exc
+    if outcome == QUEUED:
+        if limits:
+            quotas.admitted(limits)
+        return
     if outcome == QUEUE_FULL:
-        raise QueueFull("the ingest queue is full; retry later", retry)
-    if outcome == RATE_LIMITED:
-        limit = settings.rate_limit_events_per_second
-        raise RateLimited(f"more than {limit} events/s for this client", retry)
+        raise QueueFull("the ingest queue is full; retry later", settings.retry_after_seconds)
+    raise refusal(limits[which - 1], settings.retry_after_seconds)
 
 
 async def post_events(request: Request) -> HTTPResponse:

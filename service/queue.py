@@ -19,7 +19,7 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -32,46 +32,85 @@ from core.tail import TailEvents
 
 # Every enqueue a worker's requests asked for in one event-loop tick, for one
 # partition, in one call: each entry checked and added in turn exactly as if it
-# came alone (the rate limit of its client, then the queue bound), so the outcome
-# of each is what a call of its own would have given.
+# came alone (its limits in order, then the queue bound), so the outcome of each
+# is what a call of its own would have given. The limits (service/quotas.py) are
+# of two kinds: a count per period (rate limits) and a set per period (distinct
+# types, distinct accounts); an entry that passes adds to each.
 #
-# KEYS: stream, depth counter, then the rate-limit keys the entries name
-# ARGV: queue bound, rate limit per second (0: off), entry count n, then per entry:
-#   event count, body, index of its rate-limit key in KEYS (0: none)
-# returns per entry 1 when queued, -1 when the queue is full, -2 when rate limited
+# KEYS: stream, depth counter, then the keys the limits name
+# ARGV: queue bound, entry count n, then per entry: event count, body, number of
+#   limits c, then per limit: kind (1 count, 2 set), key index (into KEYS), limit,
+#   ttl, refusal code, then for a count: how much it adds; for a set: m, m members
+# returns per entry two numbers: 1 (queued), -1 (queue full) or the refusal code of
+#   the first limit it would pass; and that limit's number in the entry (0: none)
 _ENQUEUE = """
-local bound, limit, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local bound, n = tonumber(ARGV[1]), tonumber(ARGV[2])
 local depth = tonumber(redis.call('GET', KEYS[2]) or '0')
-local used, added, out = {}, {}, {}
-local queued = 0
-for i = 0, n - 1 do
-  local count, body, rate = tonumber(ARGV[4 + 3 * i]), ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i])
-  local result = 1
-  if limit > 0 and rate > 0 then
-    used[rate] = used[rate] or tonumber(redis.call('GET', KEYS[rate]) or '0')
-    if used[rate] + count > limit then result = -2 end
-  end
-  if result == 1 and depth > 0 and depth + count > bound then result = -1 end
-  if result == 1 then
-    redis.call('XADD', KEYS[1], '*', 'count', count, 'body', body)
-    depth = depth + count
-    queued = queued + count
-    if limit > 0 and rate > 0 then
-      used[rate] = used[rate] + count
-      added[rate] = (added[rate] or 0) + count
+local counts, members, sizes, out = {}, {}, {}, {}
+local pos, queued = 3, 0
+for e = 1, n do
+  local events, body, c = tonumber(ARGV[pos]), ARGV[pos + 1], tonumber(ARGV[pos + 2])
+  pos = pos + 3
+  local limits, refused, which = {}, 0, 0
+  for i = 1, c do
+    local kind, k, limit = tonumber(ARGV[pos]), tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+    local ttl, code = tonumber(ARGV[pos + 3]), tonumber(ARGV[pos + 4])
+    pos = pos + 5
+    if kind == 1 then
+      local add = tonumber(ARGV[pos])
+      pos = pos + 1
+      counts[k] = counts[k] or tonumber(redis.call('GET', KEYS[k]) or '0')
+      if refused == 0 and counts[k] + add > limit then refused, which = code, i end
+      limits[i] = {kind, k, ttl, add}
+    else
+      local m = tonumber(ARGV[pos])
+      pos = pos + 1
+      if members[k] == nil then
+        members[k] = {}
+        sizes[k] = redis.call('SCARD', KEYS[k])
+      end
+      local new = {}
+      for j = pos, pos + m - 1 do
+        if not members[k][ARGV[j]] and redis.call('SISMEMBER', KEYS[k], ARGV[j]) == 0 then
+          new[#new + 1] = ARGV[j]
+        end
+      end
+      pos = pos + m
+      if refused == 0 and #new > 0 and sizes[k] + #new > limit then refused, which = code, i end
+      limits[i] = {kind, k, ttl, new}
     end
   end
-  out[i + 1] = result
+  if refused == 0 and depth > 0 and depth + events > bound then refused = -1 end
+  if refused == 0 then
+    redis.call('XADD', KEYS[1], '*', 'count', events, 'body', body)
+    depth = depth + events
+    queued = queued + events
+    for i = 1, c do
+      local kind, k, ttl, what = limits[i][1], limits[i][2], limits[i][3], limits[i][4]
+      if kind == 1 then
+        counts[k] = counts[k] + what
+        redis.call('INCRBY', KEYS[k], what)
+      else
+        for _, member in ipairs(what) do
+          members[k][member] = true
+          sizes[k] = sizes[k] + 1
+          redis.call('SADD', KEYS[k], member)
+        end
+      end
+      redis.call('EXPIRE', KEYS[k], ttl)
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = 0
+  else
+    out[#out + 1] = refused
+    out[#out + 1] = which
+  end
 end
 if queued > 0 then redis.call('INCRBY', KEYS[2], queued) end
-for rate, count in pairs(added) do
-  redis.call('INCRBY', KEYS[rate], count)
-  redis.call('EXPIRE', KEYS[rate], 2)
-end
 return out
 """
 
-QUEUED, QUEUE_FULL, RATE_LIMITED = 1, -1, -2
+QUEUED, QUEUE_FULL = 1, -1
 
 # Retire entries this consumer still owns: acknowledge, delete, shrink the
 # depth counter, append the events each one newly stored to the accounts'
@@ -152,18 +191,33 @@ return 1
 """
 
 
+class Limit(Protocol):
+    """What an entry must stay within (service/quotas.py ``Check``)."""
+
+    @property
+    def key(self) -> str: ...
+
+    def args(self, key_index: int) -> list[int | str]: ...
+
+
 @dataclass
 class _Call:
     """The enqueues of one partition in one tick: one script call."""
 
     part: Partition
-    rate_keys: dict[str, int] = field(default_factory=dict)  # key -> its index in KEYS
-    entries: list[Any] = field(default_factory=list)  # count, body, rate index, ...
-    replies: list[asyncio.Future[int]] = field(default_factory=list)
+    limit_keys: dict[str, int] = field(default_factory=dict)  # key -> its index in KEYS
+    entries: list[Any] = field(default_factory=list)  # count, body, limits, ...
+    replies: list[asyncio.Future[tuple[int, int]]] = field(default_factory=list)
 
-    def args(self, sha: bytes, tail: list[bytes]) -> list[Any]:
-        keys = [self.part.stream, self.part.depth, *self.rate_keys]
-        return [sha, len(keys), *keys, *tail, len(self.replies), *self.entries]
+    def add(self, body: bytes, count: int, limits: Sequence[Limit]) -> None:
+        self.entries += (count, body, len(limits))
+        for limit in limits:
+            index = self.limit_keys.setdefault(limit.key, len(self.limit_keys) + 3)
+            self.entries += limit.args(index)
+
+    def args(self, sha: bytes, bound: bytes) -> list[Any]:
+        keys = [self.part.stream, self.part.depth, *self.limit_keys]
+        return [sha, len(keys), *keys, bound, len(self.replies), *self.entries]
 
 
 class Producer:
@@ -181,27 +235,29 @@ class Producer:
         self._client = client
         self._settings = settings
         self._sha = hashlib.sha1(_ENQUEUE.encode()).hexdigest().encode()
-        # the arguments every call shares, encoded once (redis-py encodes per call)
-        self._tail = [str(settings.queue_max_events).encode(),
-                      str(settings.rate_limit_events_per_second).encode()]  # fmt: skip
+        self._bound = str(settings.queue_max_events).encode()  # encoded once, not per call
         self._waiting: dict[int, _Call] = {}
         self._parts = partitions(settings)
         self._in_flight: set[asyncio.Task[None]] = set()
 
-    async def enqueue(self, body: bytes, count: int, account_id: str, client_id: str) -> int:
-        part = self._parts[0] if len(self._parts) == 1 else partition_of(self._settings, account_id)
+    def partition(self, account_id: str) -> Partition:
+        """Where a batch whose first event is of this account goes."""
+        if len(self._parts) == 1:
+            return self._parts[0]
+        return partition_of(self._settings, account_id)
+
+    async def enqueue(
+        self, part: Partition, body: bytes, count: int, limits: Sequence[Limit] = ()
+    ) -> tuple[int, int]:
+        """(QUEUED or QUEUE_FULL or the refusal code of a limit, that limit's number)."""
         loop = asyncio.get_running_loop()
         if not self._waiting:
             loop.call_soon(self._send_waiting)
         call = self._waiting.get(part.index)
         if call is None:
             call = self._waiting[part.index] = _Call(part)
-        rate = 0
-        if self._settings.rate_limit_events_per_second:
-            key = part.rate(client_id, int(time.time()))
-            rate = call.rate_keys.setdefault(key, len(call.rate_keys) + 3)
-        call.entries += (count, body, rate)
-        reply: asyncio.Future[int] = loop.create_future()
+        call.add(body, count, limits)
+        reply: asyncio.Future[tuple[int, int]] = loop.create_future()
         call.replies.append(reply)
         return await reply
 
@@ -213,7 +269,7 @@ class Producer:
             task.add_done_callback(self._in_flight.discard)
 
     async def _send(self, call: _Call) -> None:
-        args = call.args(self._sha, self._tail)
+        args = call.args(self._sha, self._bound)
         try:
             try:
                 results = await self._client.execute_command("EVALSHA", *args)
@@ -230,9 +286,10 @@ class Producer:
                 if not reply.done():
                     reply.set_exception(exc)
             return
-        for reply, result in zip(call.replies, results, strict=True):
+        outcomes = zip(results[0::2], results[1::2], strict=True)
+        for reply, (outcome, which) in zip(call.replies, outcomes, strict=True):
             if not reply.done():  # the request may have gone away meanwhile
-                reply.set_result(int(result))
+                reply.set_result((int(outcome), int(which)))
 
 
 @dataclass(frozen=True)
