@@ -29,8 +29,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cachetools import LRUCache
-
 from core.api_keys import ApiKey
 from core.events import Event
 from core.keys import Partition
@@ -69,8 +67,11 @@ class Quotas:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._known: LRUCache[tuple[str, int], set[str]] = LRUCache(maxsize=KNOWN_TYPES,
-                                                                    getsizeof=len)  # fmt: skip
+        # (account, day) -> types admitted that day: a plain dict, emptied whole when
+        # it holds KNOWN_TYPES (then types are checked with Redis again, which is
+        # right, only slower): cheaper per request than an LRU's bookkeeping
+        self._known: dict[tuple[str, int], set[str]] = {}
+        self._remembered = 0
 
     def limit(self, key: ApiKey | None, name: str, setting: int) -> int:
         if key is not None and name in key.quotas:
@@ -81,42 +82,53 @@ class Quotas:
         self, part: Partition, key: ApiKey | None, client_id: str, events: list[Event]
     ) -> list[Check]:
         s = self._settings
+        rate = self.limit(key, "events_per_second", s.account_events_per_second)
+        types = self.limit(key, "types_per_day", s.account_types_per_day)
+        accounts = self.limit(key, "accounts_per_hour", s.key_accounts_per_hour)
+        if not (s.rate_limit_events_per_second or rate or types or accounts):
+            return []
         now = int(time.time())
         out: list[Check] = []
         if s.rate_limit_events_per_second:
             out.append(Check(COUNTER, part.rate(client_id, now), s.rate_limit_events_per_second,
                              2, CLIENT_RATE, client_id, add=len(events)))  # fmt: skip
-        per_account: dict[str, list[str]] = {}
-        for event in events:
-            per_account.setdefault(event.account_id, []).append(event.type)
-        rate = self.limit(key, "events_per_second", s.account_events_per_second)
-        types = self.limit(key, "types_per_day", s.account_types_per_day)
+        first = events[0].account_id
+        if all(e.account_id == first for e in events):  # the usual case: one account
+            per_account = {first: events}
+        else:
+            per_account = {}
+            for event in events:
+                per_account.setdefault(event.account_id, []).append(event)
         day = now // DAY
-        for account, kinds in per_account.items():
+        known_types = self._known
+        for account, mine in per_account.items():
             if rate:
                 out.append(Check(COUNTER, part.account_rate(account, now), rate, 2,
-                                 ACCOUNT_RATE, account, add=len(kinds)))  # fmt: skip
+                                 ACCOUNT_RATE, account, add=len(mine)))  # fmt: skip
             if types:
-                known = self._known.get((account, day), ())
-                new = tuple(sorted({k for k in kinds if k not in known}))
+                known = known_types.get((account, day), ())
+                new = {e.type for e in mine if e.type not in known}
                 if new:
                     out.append(Check(SET, part.account_types(account, day), types, 2 * DAY,
-                                     ACCOUNT_TYPES, account, members=new))  # fmt: skip
-        several = key is not None and key.single_account is None
-        accounts = self.limit(key, "accounts_per_hour", s.key_accounts_per_hour)
-        if several and accounts and key is not None:
+                                     ACCOUNT_TYPES, account, members=tuple(new)))  # fmt: skip
+        if accounts and key is not None and key.single_account is None:
             out.append(Check(SET, part.key_accounts(key.id, now // HOUR), accounts, 2 * HOUR,
-                             KEY_ACCOUNTS, key.id, members=tuple(sorted(per_account))))  # fmt: skip
+                             KEY_ACCOUNTS, key.id, members=tuple(per_account)))  # fmt: skip
         return out
 
     def admitted(self, checks: Iterable[Check]) -> None:
         """Remember the types a queued batch used today: they need no check again."""
         day = int(time.time()) // DAY
         for check in checks:
-            if check.code == ACCOUNT_TYPES:
-                known = self._known.get((check.subject, day)) or set()
-                known.update(check.members)
-                self._known[check.subject, day] = known  # again: its size is counted anew
+            if check.code != ACCOUNT_TYPES:
+                continue
+            if self._remembered >= KNOWN_TYPES:
+                self._known.clear()
+                self._remembered = 0
+            known = self._known.setdefault((check.subject, day), set())
+            before = len(known)
+            known.update(check.members)
+            self._remembered += len(known) - before
 
 
 def refusal(check: Check, retry_after: int) -> ApiError:
