@@ -113,6 +113,11 @@ class Settings:
     # rollups
     rollup_interval_seconds: float = 1.0
     rollup_timeout_seconds: float = 60.0
+    # an idle account's state is let go: its head's copy in Redis lapses this long
+    # after its last rollover (readers then read the head from the store), and a
+    # rollups process keeps at most this many heads in memory
+    head_copy_ttl_seconds: int = 86_400
+    rollup_heads_kept: int = 100_000
     summary_cache_seconds: int = 2
     summary_timeout_seconds: float = 10.0
     # per HTTP worker: rollup documents kept in memory once read (they never
@@ -281,6 +286,8 @@ POSITIVE = (
     "summary_timeout_seconds",
     "watchdog_interval_seconds",
     "keys_refresh_seconds",
+    "head_copy_ttl_seconds",
+    "rollup_heads_kept",
     "stream_max_clients",
     "stream_buffer_flushes",
     "export_batch_size",

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from cachetools import LRUCache
 from pymongo.errors import DuplicateKeyError
 
 from core import keys
@@ -66,28 +66,35 @@ from core.tail import StreamId, TailEntry, format_id, read_tails
 
 log = logging.getLogger(__name__)
 
-CACHE_DOCUMENTS = 20_000
+CACHE_ENTRIES = 2_000_000  # dict entries of cached documents (~200 MB at most)
 _encode = msgspec.msgpack.Encoder().encode
 
 # Delete the account's tail entries that were applied and hold nothing at or
-# after the new minute; drop the account from the dirty set once its tail is
-# empty (the flusher adds it back with its next entry).
+# after the new minute; once its tail is empty, delete the stream itself (an
+# account seen once must not keep a key for ever) and drop the account from the
+# dirty set (the flusher adds both back with its next entry).
 # KEYS: tail, dirty; ARGV: account, ids to delete...
 _TRIM = """
 for i = 2, #ARGV, 1000 do  -- unpack() refuses more than ~8000 values at once
   redis.call('XDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-if redis.call('XLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+if redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
 return 1
 """
 
 # Keep the newest head's copy for readers: a rollup job that lost its lease
 # mid-way must not put back an older head after the tail was trimmed for a newer.
-# KEYS: head copy; ARGV: version, copy
+# The copy lapses after HEAD_COPY_TTL_SECONDS without a rollover (an idle
+# account's readers then read its head from the store).
+# KEYS: head copy; ARGV: version, copy, ttl
 _KEEP_HEAD = """
 local kept = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if tonumber(ARGV[1]) <= kept then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'h', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
@@ -120,24 +127,25 @@ class Draft:
     retired: list[tuple[Kind, str]] = field(default_factory=list)  # superseded ids
 
 
-class DocumentCache:
-    """Immutable rollup documents by id: a cached one is never stale."""
+def _entries(counts: Counts) -> int:
+    """What a document costs in memory, in dict entries (its users dominate)."""
+    return 1 + len(counts.types) + len(counts.users)
 
-    def __init__(self, size: int = CACHE_DOCUMENTS) -> None:
-        self._items: OrderedDict[str, Counts] = OrderedDict()
-        self._size = size
+
+class DocumentCache:
+    """Immutable rollup documents by id: a cached one is never stale. Bounded by the
+    dict entries the documents hold, not their number: one hour bucket may hold
+    hundreds of thousands of users."""
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self._items: LRUCache[str, Counts] = LRUCache(maxsize=entries, getsizeof=_entries)
 
     def get(self, doc_id: str) -> Counts | None:
-        found = self._items.get(doc_id)
-        if found is not None:
-            self._items.move_to_end(doc_id)
-        return found
+        return self._items.get(doc_id)
 
     def put(self, doc_id: str, counts: Counts) -> None:
-        self._items[doc_id] = counts
-        self._items.move_to_end(doc_id)
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
+        if _entries(counts) <= self._items.maxsize:  # else cachetools refuses it
+            self._items[doc_id] = counts
 
 
 class Roller:
@@ -149,7 +157,8 @@ class Roller:
         self.settings = settings
         self.partitions = keys.partitions(settings)
         self.cache = DocumentCache()
-        self.heads: dict[str, Head] = {}
+        # the heads this process wrote or read: an account idle long enough is read again
+        self.heads: LRUCache[str, Head] = LRUCache(maxsize=settings.rollup_heads_kept)
         self._trim = redis.register_script(_TRIM)
         self._keep_head = redis.register_script(_KEEP_HEAD)
 
@@ -360,7 +369,8 @@ class Roller:
             raise HeadConflict(new.account_id) from None
         # before the tail is trimmed: a reader of the copy and the tail misses nothing
         copy_key = keys.head_copy(self.settings, new.account_id)
-        await self._keep_head(keys=[copy_key], args=[new.version, new.copy()])
+        ttl = self.settings.head_copy_ttl_seconds
+        await self._keep_head(keys=[copy_key], args=[new.version, new.copy(), ttl])
         if old.version:
             await heads.delete_one({"_id": head_id(old.account_id, old.version)})
 
