@@ -124,3 +124,23 @@ def stream_watched(settings: Settings) -> str:
 def stream_channel(settings: Settings, account_id: str) -> str:
     """Where the flusher publishes an account's newly stored events for /stream."""
     return f"{settings.mongo_db}:stream:events:{account_id}"
+
+
+# Erasure (core/erasure.py): jobs and their audit in MongoDB, tombstones in Redis
+ERASURES = "erasures"  # one job per erasure scope: its state and progress
+ERASURE_AUDIT = "erasure_audit"  # one record per run: who, what, when, how many; no personal data
+
+
+def erasure_tombstones(settings: Settings) -> str:
+    """Scopes the flusher must not store (a hash: run id -> tombstone)."""
+    return f"{settings.mongo_db}:erasure:tombstones"
+
+
+def erasure_tombstones_version(settings: Settings) -> str:
+    """Bumped on every change to the tombstones: flushers reload when it moves."""
+    return f"{settings.mongo_db}:erasure:tombstones:version"
+
+
+def erasure_dropped(settings: Settings) -> str:
+    """Queued events each tombstone kept out of the store (a hash: run id -> count)."""
+    return f"{settings.mongo_db}:erasure:dropped"

@@ -81,6 +81,11 @@ class Head:
     hours: dict[int, str] = field(default_factory=dict)
     index: str | None = None
     retired: list[tuple[Kind, str]] = field(default_factory=list)  # delete next time
+    # erasures applied to this account so far (readers' running counts of the tail
+    # start afresh when it moves: ``service/tail_counts.py``), and the run id of the
+    # last one, so an erasure resumed after a crash knows its corrections are in
+    erased: int = 0
+    erasure: str = ""
 
     def applied_id(self, partition: int) -> StreamId:
         return self.applied.get(partition, (0, 0))
@@ -104,6 +109,8 @@ class Head:
             "index": self.index,
             # FerretDB v1 stores no arrays inside arrays
             "retired": [f"{kind} {doc_id}" for kind, doc_id in self.retired],
+            "erased": self.erased,
+            "erasure": self.erasure,
         }
 
     @classmethod
@@ -116,17 +123,20 @@ class Head:
             windows=dict(doc.get("windows", {})),
             index=doc.get("index"),
             retired=[_retired(item) for item in doc.get("retired", [])],
+            erased=int(doc.get("erased", 0)),
+            erasure=doc.get("erasure", ""),
         )
 
     def copy(self) -> bytes:
         """What a reader needs of the head (not ``retired``), for the Redis copy."""
         return _encode(_HeadCopy(self.account_id, self.version, self.minute, self.applied,
-                                 self.windows, self.index))  # fmt: skip
+                                 self.windows, self.index, self.erased))  # fmt: skip
 
     @classmethod
     def from_copy(cls, blob: bytes) -> Head:
         c = _copy_decoder.decode(blob)
-        return cls(c.account_id, c.version, c.minute, c.applied, c.windows, index=c.index)
+        return cls(c.account_id, c.version, c.minute, c.applied, c.windows, index=c.index,
+                   erased=c.erased)  # fmt: skip
 
     def index_document(self) -> Document:
         assert self.index is not None
@@ -146,6 +156,7 @@ class _HeadCopy(msgspec.Struct, array_like=True, gc=False):
     applied: dict[int, tuple[int, int]]
     windows: dict[str, str]
     index: str | None
+    erased: int = 0  # absent from copies written before erasures existed
 
 
 _copy_decoder = msgspec.msgpack.Decoder(_HeadCopy)

@@ -129,6 +129,13 @@ class Settings:
     log_level: str = "INFO"
     # one line per HTTP answer (method, path without its query, status, time, client)
     access_log: bool = False
+    # erasure (core/erasure.py, rollups/erasure.py): how long DELETE waits for the
+    # job before answering 202 (it goes on in the background), how long a job waits
+    # for the entries flushers had read before it to be stored, and for the rollups
+    # lease (a rollups pass, a backfill or another erasure)
+    erasure_wait_seconds: float = 30.0
+    erasure_drain_seconds: float = 120.0
+    erasure_lease_seconds: float = 60.0
 
     @property
     def metrics_dir(self) -> Path:
@@ -348,3 +355,8 @@ def _check(s: Settings) -> None:
         raise SettingsError("AUTH=open and API_KEYS contradict each other: unset one")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError("LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    if not 0 <= s.erasure_wait_seconds <= 300:
+        raise SettingsError("ERASURE_WAIT_SECONDS must be 0..300")
+    for name in ("erasure_drain_seconds", "erasure_lease_seconds"):
+        if not 0 < getattr(s, name) < float("inf"):
+            raise SettingsError(f"{ENV_NAMES[name]} must be a positive number of seconds")

@@ -85,15 +85,18 @@ def parse_entries(partition: int, reply: Sequence[Any]) -> list[TailEntry]:
 
 
 # One partition's tail of an account from an id on ("-": all of it; "(ms-seq": what
-# came after that entry), with the server's clock at the moment it was read, and
-# (KEYS[2], if given) the copy of the account's head, "" if none. A script,
-# because a Redis Cluster pipeline refuses a bare TIME, and atomic: the head
-# copy is never older than the entries read with it.
+# came after that entry), at most ARGV[2] entries of it, with the server's clock at
+# the moment it was read, and (KEYS[2], if given) the copy of the account's head,
+# "" if none. A script, because a Redis Cluster pipeline refuses a bare TIME, and
+# atomic: the head copy is never older than the entries read with it.
 _READ = """
-local out = {redis.call('TIME'), redis.call('XRANGE', KEYS[1], ARGV[1], '+')}
+local out = {redis.call('TIME'), redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])}
 if KEYS[2] then out[3] = redis.call('HGET', KEYS[2], 'h') or '' end
 return out
 """
+# entries per read: a tail that grew long (rollups stalled) is read in calls this size,
+# never in one call that would hold Redis up for every other client
+READ_CHUNK = 1000
 
 
 @dataclass
@@ -109,37 +112,58 @@ async def read_tails(
     account_id: str,
     after: Mapping[int, StreamId] | None = None,
     head_key: str | None = None,
+    chunk: int = READ_CHUNK,
 ) -> TailRead:
     """The account's tail in every partition (only entries newer than ``after``, when
     given), the clock when it was read, and the head copy at ``head_key`` read no
     earlier than the tail.
 
-    With several partitions (on several cluster nodes) the earliest of their
-    clocks is returned: every event acknowledged before it is in the entries.
+    A tail longer than ``chunk`` entries is read in several calls. The head copy is
+    then read again after the last one: a rollover between two calls may have
+    trimmed entries not read yet, and only a head at least that new counts them.
+    The clock is that of the last call, so every entry read was stored before it.
+    With several partitions (on several cluster nodes) the earliest of their clocks
+    is returned: every event acknowledged before it is in the entries.
     """
     after = after or {}
     together = head_key is not None and len(parts) == 1  # one call: the same instant
 
-    def since(part: Partition) -> str:
-        newer = after.get(part.index)
+    def since(part: Partition, newer: StreamId | None) -> str:
         return f"({format_id(newer)}" if newer else "-"
 
     if together:
         [part] = parts
-        replies = [await client.eval(_READ, 2, part.tail(account_id), head_key, since(part))]
+        replies = [await client.eval(_READ, 2, part.tail(account_id), head_key,
+                                     since(part, after.get(part.index)), chunk)]  # fmt: skip
     else:
         async with client.pipeline(transaction=False) as pipe:
             for part in parts:
-                pipe.eval(_READ, 1, part.tail(account_id), since(part))
+                pipe.eval(_READ, 1, part.tail(account_id), since(part, after.get(part.index)),
+                          chunk)  # fmt: skip
             replies = await pipe.execute()
     entries: list[TailEntry] = []
+    clocks: list[int] = []
+    read_more = False
     for part, reply in zip(parts, replies, strict=True):
-        entries.extend(parse_entries(part.index, reply[1]))
-    to = min(redis_time_ms(reply[0]) for reply in replies)
+        found = parse_entries(part.index, reply[1])
+        clock = redis_time_ms(reply[0])
+        while len(found) == chunk:  # a long tail: the rest, a chunk at a time
+            read_more = True
+            entries.extend(found)
+            more = await client.eval(_READ, 1, part.tail(account_id),
+                                     since(part, found[-1].entry_id), chunk)  # fmt: skip
+            found, clock = parse_entries(part.index, more[1]), redis_time_ms(more[0])
+        entries.extend(found)
+        clocks.append(clock)
+    to = min(clocks)
     if head_key is None:
         return TailRead(to, entries)
-    # several partitions may be on several nodes: the head is read after every tail
-    head = replies[0][2] if together else await client.hget(head_key, "h")
+    # several partitions may be on several nodes, or the tail took several calls: the
+    # head is read after every entry
+    if together and not read_more:
+        head = replies[0][2]
+    else:
+        head = await client.hget(head_key, "h")
     return TailRead(to, entries, head or None)
 
 

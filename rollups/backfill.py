@@ -6,7 +6,8 @@ difference becomes a signed correction that a rollover applies to the minute
 and hour buckets and every window covering them. Running it again, or over a
 range that is already right, finds no difference and writes nothing.
 
-It runs as the rollup job (it takes the rollups lease, so the job pauses),
+It runs as the rollup job (it asks for the rollups lease, which the rollups
+process hands over at its next tick, so the job pauses until it is done),
 and compares like with like while the service keeps ingesting:
 
 1. it rolls each account of the hour to the current minute, so the rollups
@@ -25,8 +26,6 @@ finished hour, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,11 +120,10 @@ class Backfill:
         lease_timeout: float = 60.0,
     ) -> Report:
         check_range(self.settings, start, end, datetime.now(UTC))
-        deadline = time.monotonic() + lease_timeout
-        while not await self.lease.hold():  # the rollups process lets go between passes
-            if time.monotonic() > deadline:
-                raise RangeRefused("another backfill holds the rollups lease; try again later")
-            await asyncio.sleep(0.5)
+        # the rollups process hands the lease over at its next tick (rollups/lease.py)
+        if not await self.lease.take(lease_timeout):
+            raise RangeRefused("another backfill or an erasure holds the rollups lease; try "
+                               "again later")  # fmt: skip
         try:
             return await self._run(start, end, account, dry_run, progress)
         finally:

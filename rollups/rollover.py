@@ -176,17 +176,23 @@ class Roller:
         return (await read_tails(self.redis, self.partitions, account_id)).entries
 
     async def roll(
-        self, account_id: str, minute: int, corrections: dict[int, Counts] | None = None
+        self,
+        account_id: str,
+        minute: int,
+        corrections: dict[int, Counts] | None = None,
+        erasure: str = "",
     ) -> Rolled | None:
         """Roll one account to ``minute``; None when there was nothing to do.
 
-        ``corrections`` (per minute, signed; from the backfill) are applied as
-        if they were tail events.
+        ``corrections`` (per minute, signed; from the backfill and erasures) are
+        applied as if they were tail events. ``erasure`` (an erasure's run id)
+        always writes a new head, one more erasure on it, naming that run: readers'
+        running counts of the tail start afresh (``service/tail_counts.py``).
         """
         head = await self.head(account_id)
         entries = await self.read_tail(account_id)
         try:
-            rolled = await self._roll(head, entries, minute, corrections or {})
+            rolled = await self._roll(head, entries, minute, corrections or {}, erasure)
         except HeadConflict:
             self.heads.pop(account_id, None)
             raise
@@ -198,7 +204,12 @@ class Roller:
         return rolled
 
     async def _roll(
-        self, old: Head, entries: list[TailEntry], minute: int, corrections: dict[int, Counts]
+        self,
+        old: Head,
+        entries: list[TailEntry],
+        minute: int,
+        corrections: dict[int, Counts],
+        erasure: str = "",
     ) -> Rolled | None:
         if old.minute is not None and minute < old.minute:
             return None  # a clock that went back; the next pass catches up
@@ -207,7 +218,7 @@ class Roller:
             applied.setdefault(m, Counts()).merge(delta)
         applied = {m: c for m, c in applied.items() if c.total or c.types or c.users}
         moved = old.minute != minute
-        if not applied and not moved:
+        if not applied and not moved and not erasure:
             return None
         new = Head(
             account_id=old.account_id,
@@ -218,6 +229,8 @@ class Roller:
             minutes=dict(old.minutes),
             hours=dict(old.hours),
             index=old.index,
+            erased=old.erased + 1 if erasure else old.erased,
+            erasure=erasure or old.erasure,
         )
         draft = Draft(old, new, applied)
         await self._move_windows(draft)
@@ -233,6 +246,26 @@ class Roller:
         rolled = Rolled(new, events=sum(c.total for c in applied.values()))
         rolled.documents = {kind: len(written) for kind, written in draft.docs.items()}
         return rolled
+
+    async def reset(self, account_id: str, minute: int, erasure: str) -> Head:
+        """Publish an empty head for the account (no figures, one more erasure, naming
+        the run ``erasure``): what erasing a whole account leaves. Its documents, tail
+        and raw events are the eraser's to delete (``rollups/erasure.py``); the head is
+        kept, with its version, so a rollover that read an older head cannot publish
+        over it (compare-and-set) and no cached answer's key comes back."""
+        old = await self.head(account_id)
+        entries = await self.read_tail(account_id)
+        new = Head(account_id, version=old.version + 1,
+                   minute=minute if old.minute is None else max(minute, old.minute),
+                   applied=_advanced(old.applied, entries), erased=old.erased + 1,
+                   erasure=erasure)  # fmt: skip
+        try:
+            await self._publish(old, new, {kind: [] for kind in COLLECTIONS})
+        except HeadConflict:
+            self.heads.pop(account_id, None)
+            raise
+        self.heads[account_id] = new
+        return new
 
     def _to_apply(self, old: Head, entries: list[TailEntry], minute: int) -> dict[int, Counts]:
         """Tail events that belong in buckets now, counted per minute."""

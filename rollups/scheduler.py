@@ -88,8 +88,17 @@ class RollupsProcess(Worker):
             await self.lease.release()
 
     async def _lead(self) -> bool:
-        """Whether this process holds the lease; forget cached heads after a gap."""
-        held = await self.lease.hold()
+        """Whether this process holds the lease; forget cached heads after a gap.
+
+        A backfill or an erasure that asks for the lease gets it: this process lets go
+        and stays off while it is wanted (``rollups/lease.py``)."""
+        if await self.lease.wanted_elsewhere():
+            if self.held:
+                log.info("handing the rollups lease to a backfill or erasure that asked")
+            await self.lease.release()
+            held = False
+        else:
+            held = await self.lease.hold()
         if held and not self.held:
             self.roller.forget_heads()
             self.rolled_minute = None
@@ -156,7 +165,8 @@ class RollupsProcess(Worker):
 
         for start in range(0, len(accounts), RENEW_LEASE_EVERY):
             if not await self._lead():
-                log.warning("lost the rollups lease mid-pass; stopping this pass")
+                log.warning("lost (or handed over) the rollups lease mid-pass; stopping this "
+                            "pass")  # fmt: skip
                 return rolled, failed + len(accounts) - start
             await asyncio.gather(*(one(a) for a in accounts[start : start + RENEW_LEASE_EVERY]))
         return rolled, failed

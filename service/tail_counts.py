@@ -54,16 +54,21 @@ class Basis:
     an earlier minute) arrive: the new head applies more entries and holds
     their events before its minute. A running count follows that without
     starting again (``Running.provisional``); a head of another minute, or
-    another window start, needs a fresh count.
+    another window start, or one after an erasure, needs a fresh count.
     """
 
     head_minute: int | None
     has_head: bool
     start: int
+    # erasures applied to the account: an erasure takes events out of the tail as well
+    # as out of the documents, so a count made before it must not be carried on
+    erased: int = 0
 
     @classmethod
     def of(cls, head: Head | None, start: int) -> Basis:
-        return cls(head.minute if head else None, head is not None, start)
+        if head is None:
+            return cls(None, False, start)
+        return cls(head.minute, True, start, head.erased)
 
 
 def held_before(entry: TailEntry, head: Head | None) -> int:
