@@ -21,6 +21,7 @@ MINUTES = "rollup_minutes"  # per-account minute buckets
 HOURS = "rollup_hours"  # per-account hour buckets
 STATE = "rollup_state"  # rollup job state (retention progress)
 BACKFILLS = "rollup_backfills"  # checkpoints of unfinished backfills
+DRAFTS = "rollup_drafts"  # documents a rollover is writing, until its head is published
 API_KEYS = "api_keys"  # keys as data: hashed, scoped (core/api_keys.py)
 DEAD_LETTER_AUDIT = "dead_letter_audit"  # who dropped or replayed which dead letter, and why
 
@@ -132,15 +133,16 @@ ERASURE_AUDIT = "erasure_audit"  # one record per run: who, what, when, how many
 
 
 def erasure_tombstones(settings: Settings) -> str:
-    """Scopes the flusher must not store (a hash: run id -> tombstone)."""
+    """Scopes the flusher must not store (a hash: run id -> tombstone, and a version
+    field every change bumps, so flushers reload only when it moved)."""
     return f"{settings.mongo_db}:erasure:tombstones"
-
-
-def erasure_tombstones_version(settings: Settings) -> str:
-    """Bumped on every change to the tombstones: flushers reload when it moves."""
-    return f"{settings.mongo_db}:erasure:tombstones:version"
 
 
 def erasure_dropped(settings: Settings) -> str:
     """Queued events each tombstone kept out of the store (a hash: run id -> count)."""
     return f"{settings.mongo_db}:erasure:dropped"
+
+
+def rollup_retire(settings: Settings) -> str:
+    """Heads whose retired documents are due for deletion (rollups/sweep.py), by time."""
+    return f"{settings.mongo_db}:rollups:retire"

@@ -139,3 +139,14 @@ ROLLUP_ACCOUNT_FAILURES = Counter(
     "Account rollovers that failed in a pass (retried the next run), by reason",
     ["reason"],
 )
+ROLLUP_ORPHANS_DELETED = Counter(
+    "rollup_orphans_deleted_total",
+    "Rollup documents no head would delete (a dead pass's drafts, an idle head's retired)",
+    ["kind"],
+)
+ERASED_QUEUED = Counter(
+    "erasure_dropped_events_total",
+    "Queued events a flusher kept out of the store because an erasure's tombstone matched them",
+)
+ERASURE_RUNS = Counter("erasure_runs_total", "Erasure runs, by scope kind and outcome",
+                       ["kind", "outcome"])  # fmt: skip

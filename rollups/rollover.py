@@ -63,6 +63,7 @@ from core.rollup_docs import (
 from core.settings import Settings
 from core.store import Database, Document
 from core.tail import StreamId, TailEntry, format_id, read_tails
+from rollups.sweep import draft_record
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class Roller:
             new.index = index_id(new.account_id, draft.tag)
             draft.docs["index"].append(new.index_document())
         new.retired = draft.retired
-        await self._publish(old, new, draft.docs)
+        await self._publish(old, new, draft.docs, draft.tag)
         rolled = Rolled(new, events=sum(c.total for c in applied.values()))
         rolled.documents = {kind: len(written) for kind, written in draft.docs.items()}
         return rolled
@@ -389,8 +390,18 @@ class Roller:
         head.minutes = {m: v for m, v in head.minutes.items() if m >= minute_floor}
         head.hours = {h: v for h, v in head.hours.items() if h >= hour_floor}
 
-    async def _publish(self, old: Head, new: Head, docs: dict[Kind, list[Document]]) -> None:
-        """Insert the new documents, then swing the head to them (compare-and-set)."""
+    async def _publish(
+        self, old: Head, new: Head, docs: dict[Kind, list[Document]], tag: str = ""
+    ) -> None:
+        """Insert the new documents, then swing the head to them (compare-and-set).
+
+        The documents are recorded as a draft first, and the record removed once the
+        head names them (or they are discarded): a pass that dies in between leaves a
+        record the sweep (``rollups/sweep.py``) finds its documents by."""
+        drafts = self.db[keys.DRAFTS]
+        recorded = bool(tag) and any(docs.values())
+        if recorded:
+            await drafts.insert_one(draft_record(tag, new, docs))
         for kind, written in docs.items():
             if written:
                 await self.db[COLLECTIONS[kind]].insert_many(written, ordered=False)
@@ -399,7 +410,11 @@ class Roller:
             await heads.insert_one(new.to_document())
         except DuplicateKeyError:
             await self._discard(docs)
+            if recorded:
+                await drafts.delete_one({"_id": tag})
             raise HeadConflict(new.account_id) from None
+        if recorded:
+            await drafts.delete_one({"_id": tag})
         # before the tail is trimmed: a reader of the copy and the tail misses nothing
         copy_key = keys.head_copy(self.settings, new.account_id)
         ttl = self.settings.head_copy_ttl_seconds

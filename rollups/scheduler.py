@@ -34,6 +34,7 @@ from core.worker import Worker, run_worker
 from rollups.lease import Lease
 from rollups.retention import Retention
 from rollups.rollover import HeadConflict, Roller, next_change
+from rollups.sweep import Sweep, schedule_retired
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,8 @@ class RollupsProcess(Worker):
 
     async def roll_account(self, account: str, minute: int) -> bool:
         result = await self.roller.roll(account, minute)
+        if result is not None:
+            await schedule_retired(self.redis, self.settings, result.head)
         head = result.head if result else await self.roller.head(account)
         schedule = keys.rollup_schedule(self.settings)
         due = next_change(head)
@@ -194,6 +197,7 @@ class RollupsProcess(Worker):
                     return
                 now = redis_time_ms(await self.redis.time())
                 await self.retention.sweep(now)
+                await Sweep(self.db, self.redis, self.settings).run()
             except (PyMongoError, *REDIS_ERRORS) as exc:
                 log.warning("retention sweep failed (%s); the next one goes on", exc)
 
