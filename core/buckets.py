@@ -158,12 +158,23 @@ def pack(counts: Counts) -> dict[str, Any]:
         [counts.users[n] for n in names],
         top_users(counts.users, TOP_KEPT),
     )
-    return {
-        "total": counts.total,
-        "unique_users": len(names),
-        # level 1: a third of the size for a millisecond; FerretDB's cost grows with it
-        "data": Binary(zlib.compress(_msgpack.encode(payload), 1)),
-    }
+    # level 1: a third of the size for a millisecond; FerretDB's cost grows with it
+    data = zlib.compress(_msgpack.encode(payload), 1)
+    if len(data) > MAX_PACKED_BYTES:
+        raise TooLarge(
+            f"{len(names)} distinct users and {len(counts.types)} types pack to "
+            f"{len(data) / 2**20:.1f} MiB, past what a MongoDB document holds"
+        )
+    return {"total": counts.total, "unique_users": len(names), "data": Binary(data)}
+
+
+class TooLarge(ValueError):
+    """Counts that would not fit one MongoDB document (16 MiB), on any store."""
+
+
+# MongoDB's 16 MiB, less room for the document's other fields; FerretDB takes more,
+# but the service behaves the same on both (docs/OPERATIONS.md: limits of one account)
+MAX_PACKED_BYTES = 16 * 2**20 - 64 * 2**10
 
 
 PACKED_FIELDS = ("total", "unique_users", "data")

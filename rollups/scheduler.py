@@ -21,6 +21,7 @@ import time
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import PyMongoError
 
@@ -159,7 +160,11 @@ class RollupsProcess(Worker):
                     failed += 1
                     metrics.ROLLUP_ACCOUNT_FAILURES.labels("conflict").inc()
                     log.info("account %s was rolled by another job; retried next run", account)
-                except (PyMongoError, LookupError, *REDIS_ERRORS) as exc:
+                except (PyMongoError, InvalidDocument, LookupError, ValueError,
+                        *REDIS_ERRORS) as exc:  # fmt: skip
+                    # one account's failure (a store error, or a document past MongoDB's
+                    # 16 MiB: docs/OPERATIONS.md, the limits of one account) never stops
+                    # the others; its tail keeps its events, so its figures stay exact
                     failed += 1
                     metrics.ROLLUP_ACCOUNT_FAILURES.labels(type(exc).__name__).inc()
                     log.warning("rolling account %s failed: %s", account, exc)
