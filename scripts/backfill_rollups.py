@@ -18,24 +18,13 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from tqdm import tqdm
 
 from core import store
 from core.connections import connect_redis
 from rollups.backfill import Backfill, RangeRefused, Report
-from scripts.cli import cli_settings
-
-
-def parse_time(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone, e.g. Z or +00:00")
-    return value.astimezone(UTC)
+from scripts.cli import cli_settings, rfc3339
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -43,8 +32,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m scripts.backfill_rollups",
         description="Recompute minute and hour rollup buckets from raw events.",
     )
-    parser.add_argument("--from", dest="start", type=parse_time, required=True)
-    parser.add_argument("--to", dest="end", type=parse_time, required=True)
+    parser.add_argument("--from", dest="start", type=rfc3339, required=True)
+    parser.add_argument("--to", dest="end", type=rfc3339, required=True)
     parser.add_argument("--account", help="only this account (default: every account)")
     parser.add_argument("--dry-run", action="store_true", help="report what would change")
     return parser.parse_args(argv)

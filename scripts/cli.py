@@ -7,9 +7,12 @@ them there. ``REDIS_URL`` / ``MONGO_URL``, when set, win.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from datetime import UTC, datetime
 
+from core.events import is_account_id
 from core.settings import Settings, SettingsError, load_settings
 from scripts.stack import running_servers
 
@@ -33,3 +36,25 @@ def cli_settings() -> Settings:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# argument types the command-line tools share
+
+
+def rfc3339(text: str) -> datetime:
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from None
+    if ts.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone (e.g. a trailing Z)")
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range") from None
+
+
+def account_id(text: str) -> str:
+    if not is_account_id(text):
+        raise argparse.ArgumentTypeError("an account id is 1..64 characters of A-Z a-z 0-9 _ . : -")
+    return text

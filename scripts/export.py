@@ -21,34 +21,13 @@ import asyncio
 import gzip
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import IO
 
 from pymongo.errors import PyMongoError
 
 from core import export, store
-from core.events import is_account_id
 from core.export import Cursor, ExportError
-from scripts.cli import cli_settings
-
-
-def rfc3339(text: str) -> datetime:
-    try:
-        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an RFC 3339 time") from None
-    if ts.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a time zone (e.g. a trailing Z)")
-    try:
-        return ts.astimezone(UTC)
-    except OverflowError:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range") from None
-
-
-def account_id(text: str) -> str:
-    if not is_account_id(text):
-        raise argparse.ArgumentTypeError("an account id is 1..64 characters of A-Z a-z 0-9 _ . : -")
-    return text
+from scripts.cli import account_id, cli_settings, rfc3339
 
 
 def cursor(text: str) -> Cursor:

@@ -108,9 +108,8 @@ class Running:
 AppFactory = Callable[..., Awaitable[Running]]
 
 
-@pytest.fixture
-async def app(stack: Stack) -> AsyncIterator[AppFactory]:
-    """Start the app in-process: ``running = await app(**setting_overrides)``."""
+async def apps_on(stack: Stack) -> AsyncIterator[AppFactory]:
+    """Apps started in-process on ``stack``, stopped (and their databases dropped) after."""
     Sanic.test_mode = True  # several apps of the same name in one process
     started: list[Running] = []
 
@@ -140,6 +139,13 @@ async def app(stack: Stack) -> AsyncIterator[AppFactory]:
         await running.server.after_stop()
         running.backends.mongo.drop_database(running.settings.mongo_db)
         running.backends.close()
+
+
+@pytest.fixture
+async def app(stack: Stack) -> AsyncIterator[AppFactory]:
+    """Start the app in-process: ``running = await app(**setting_overrides)``."""
+    async for factory in apps_on(stack):
+        yield factory
 
 
 @pytest.fixture(scope="module")

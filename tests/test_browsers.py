@@ -37,15 +37,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes, urlencode, urlsplit
 
-import httpx
 import pytest
-from sanic import Sanic
 
 from scripts.stack import Stack, ensure_web_packages, free_port
-from service.app import build_app
 from tests import browser
 from tests.browser import Message, Page, Request
-from tests.conftest import AppFactory, Running, backends_for, settings_for
+from tests.conftest import AppFactory, Running, apps_on
 from tests.support import Backends, eventually, unique
 
 chromium, page = browser.chromium, browser.page  # the fixtures, used by name
@@ -559,33 +556,8 @@ async def test_a_page_key_only_writes_and_reads_need_a_listed_origin(scene: Scen
 @pytest.fixture
 async def own_app(own_stack: Stack) -> AsyncIterator[AppFactory]:
     """Like the ``app`` fixture, on servers this test alone controls (to stop Redis)."""
-    Sanic.test_mode = True
-    started_apps: list[Running] = []
-
-    async def start(**overrides: Any) -> Running:
-        settings = settings_for(own_stack, **overrides)
-        application = build_app(settings)
-        port = free_port()
-        server = await application.create_server(host="127.0.0.1", port=port,
-                                                 return_asyncio_server=True)  # fmt: skip
-        assert server is not None
-        await server.startup()  # type: ignore[no-untyped-call]
-        await server.before_start()  # type: ignore[no-untyped-call]
-        await server.after_start()  # type: ignore[no-untyped-call]
-        client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        running = Running(settings, backends_for(settings), client, server, application)
-        started_apps.append(running)
-        return running
-
-    yield start
-    for running in started_apps:
-        await running.stop_workers()
-        await running.client.aclose()
-        await running.server.before_stop()
-        await running.server.close()
-        await running.server.wait_closed()
-        await running.server.after_stop()
-        running.backends.close()
+    async for factory in apps_on(own_stack):
+        yield factory
 
 
 async def test_sdks_retry_through_a_redis_outage_and_store_each_event_once(
