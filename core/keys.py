@@ -2,13 +2,14 @@
 
 Redis keys of one stream partition share a Redis Cluster hash tag
 (``{events:ingest:0}``), so the scripts that touch several of them (enqueue,
-acknowledge with tail) run on one slot.
+acknowledge with tail) run on one slot; so do the rollups processes' leases
+(``{events_service:rollups}``).
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.settings import Settings
 
@@ -47,11 +48,6 @@ class Partition:
     @property
     def dead(self) -> str:
         return f"{{{self.tag}}}:dead"
-
-    @property
-    def dirty(self) -> str:
-        """Accounts with tail entries the rollup job has not applied yet."""
-        return f"{{{self.tag}}}:dirty"
 
     def tail(self, account_id: str) -> str:
         """Events of one account stored since its last rollover."""
@@ -92,18 +88,108 @@ def head_copy(settings: Settings, account_id: str) -> str:
     return partition_of(settings, account_id).head(account_id)
 
 
-def lease(settings: Settings) -> str:
-    return f"{settings.mongo_db}:rollups:lease"
+# Rollup partitions (rollups/lease.py): accounts map to ROLLUP_PARTITIONS partitions by
+# a stable hash, independent of the stream partitions (a batch's stream partition is
+# its first event's account's; an account's tail entries may sit in every stream
+# partition). The flusher marks an account in the dirty set of its rollup partition
+# inside the stream partition that holds the tail entry, so the acknowledge script
+# still touches one Redis Cluster slot; a rollups process reads its partitions' sets
+# in every stream partition. With one rollup partition the names are those of before.
+_ROLLUP_SEED = 0x5EED  # another hash than the stream partitions' (crc32 from 0)
 
 
-def rollup_schedule(settings: Settings) -> str:
-    """Accounts scored by the minute a bucket of theirs leaves a window."""
-    return f"{settings.mongo_db}:rollups:schedule"
+def rollup_partition_of(settings: Settings, account_id: str) -> int:
+    """The rollup partition of an account: stable across processes, hosts and restarts."""
+    if settings.rollup_partitions == 1:
+        return 0
+    return zlib.crc32(account_id.encode(), _ROLLUP_SEED) % settings.rollup_partitions
 
 
-def rollup_progress(settings: Settings) -> str:
-    """The minute the last complete rollover pass rolled every due account to."""
-    return f"{settings.mongo_db}:rollups:minute"
+def dirty_set(settings: Settings, part: Partition, rollup_partition: int) -> str:
+    """Accounts of one rollup partition with tail entries in this stream partition that
+    the rollups have not applied yet."""
+    if settings.rollup_partitions == 1:
+        return f"{{{part.tag}}}:dirty"
+    return f"{{{part.tag}}}:dirty:{rollup_partition}"
+
+
+def account_dirty_set(settings: Settings, part: Partition, account_id: str) -> str:
+    return dirty_set(settings, part, rollup_partition_of(settings, account_id))
+
+
+def rollup_schedule(settings: Settings, rollup_partition: int) -> str:
+    """A rollup partition's accounts, scored by the minute a bucket of theirs leaves a
+    window."""
+    if settings.rollup_partitions == 1:
+        return f"{settings.mongo_db}:rollups:schedule"
+    return f"{{{settings.mongo_db}:rollups:{rollup_partition}}}:schedule"
+
+
+@dataclass(frozen=True)
+class OtherSet:
+    """A rollup set of another partition count than the current one."""
+
+    kind: str  # "dirty", "schedule" or "retire"
+    key: str
+    part: Partition | None = None  # a dirty set's stream partition
+
+
+def other_layout_sets(settings: Settings, largest: int) -> list[OtherSet]:
+    """The rollup sets that the partition counts used before (none above ``largest``)
+    named and the current one does not: the names of one partition if it is more now,
+    and those of the partitions past the current count."""
+    current = settings.rollup_partitions
+    layouts: list[tuple[Settings, range]] = []
+    if current > 1:
+        layouts.append((replace(settings, rollup_partitions=1), range(1)))
+    if largest > 1:
+        first = current if current > 1 else 0
+        layouts.append((replace(settings, rollup_partitions=largest), range(first, largest)))
+    found = []
+    for layout, numbers in layouts:
+        for number in numbers:
+            found += [OtherSet("dirty", dirty_set(layout, part, number), part)
+                      for part in partitions(settings)]  # fmt: skip
+            found.append(OtherSet("schedule", rollup_schedule(layout, number)))
+            found.append(OtherSet("retire", rollup_retire(layout, number)))
+    return found
+
+
+def _coordination(settings: Settings) -> str:
+    """The hash tag of the keys the rollups processes coordinate by: one slot, so one
+    script takes, renews and gives back any number of partitions' leases."""
+    return f"{{{settings.mongo_db}:rollups}}"
+
+
+def rollup_lease(settings: Settings, rollup_partition: int) -> str:
+    """Who holds a rollup partition, and under which fencing token (``owner token``)."""
+    return f"{_coordination(settings)}:lease:{rollup_partition}"
+
+
+def rollup_wanted(settings: Settings, rollup_partition: int) -> str:
+    """A backfill or an erasure waiting for the partition (its owner id, lapsing)."""
+    return f"{_coordination(settings)}:wanted:{rollup_partition}"
+
+
+def rollup_fence(settings: Settings) -> str:
+    """The fencing-token counter: one more on every acquisition of any partition."""
+    return f"{_coordination(settings)}:fence"
+
+
+def rollup_members(settings: Settings) -> str:
+    """The live rollups processes, scored by when their heartbeat lapses."""
+    return f"{_coordination(settings)}:members"
+
+
+def rollup_layouts(settings: Settings) -> str:
+    """The largest ROLLUP_PARTITIONS any rollups process ran with (so the sets of another
+    layout are found and drained after a change)."""
+    return f"{_coordination(settings)}:layouts"
+
+
+def rollup_progress(settings: Settings, rollup_partition: int) -> str:
+    """The minute the last complete pass over the partition rolled every due account to."""
+    return f"{_coordination(settings)}:minute:{rollup_partition}"
 
 
 def answer_cache(settings: Settings, answer: str) -> str:
@@ -143,6 +229,9 @@ def erasure_dropped(settings: Settings) -> str:
     return f"{settings.mongo_db}:erasure:dropped"
 
 
-def rollup_retire(settings: Settings) -> str:
-    """Heads whose retired documents are due for deletion (rollups/sweep.py), by time."""
-    return f"{settings.mongo_db}:rollups:retire"
+def rollup_retire(settings: Settings, rollup_partition: int) -> str:
+    """A rollup partition's accounts scored by when what they superseded is due for
+    deletion if they do not roll again meanwhile (rollups/sweep.py)."""
+    if settings.rollup_partitions == 1:
+        return f"{settings.mongo_db}:rollups:retire"
+    return f"{{{settings.mongo_db}:rollups:{rollup_partition}}}:retire"

@@ -112,6 +112,12 @@ class Settings:
     hour_retention_days: int = 90
     # rollups
     rollup_interval_seconds: float = 1.0
+    # accounts map to this many rollup partitions (a stable hash), each with its own
+    # lease: the rollups processes of every host share them (rollups/lease.py)
+    rollup_partitions: int = 1
+    # rollovers of an account between two deletions of the documents they superseded
+    # (one delete per collection for all of them: rollups/rollover.py, retiring)
+    rollup_sweep_every: int = 20
     rollup_timeout_seconds: float = 60.0
     # an idle account's state is let go: its head's copy in Redis lapses this long
     # after its last rollover (readers then read the head from the store), and a
@@ -271,6 +277,8 @@ def _default_auth(s: Settings) -> str:
 # a flush of this many one-event entries is acknowledged by one Redis script call
 # of ~45 ms (measured here), during which every other Redis client waits
 MAX_FLUSH_BATCH_SIZE = 10_000
+# every rollups process renews its partitions' leases in one Redis script over them all
+MAX_ROLLUP_PARTITIONS = 1024
 # an export's read batch is held in memory whole: 10,000 events of up to 8 KiB
 MAX_EXPORT_BATCH_SIZE = 10_000
 
@@ -290,6 +298,8 @@ POSITIVE = (
     "raw_retention_days",
     "rollup_interval_seconds",
     "rollup_timeout_seconds",
+    "rollup_partitions",
+    "rollup_sweep_every",
     "summary_timeout_seconds",
     "watchdog_interval_seconds",
     "keys_refresh_seconds",
@@ -313,6 +323,8 @@ def _check(s: Settings) -> None:
         )
     if s.export_batch_size > MAX_EXPORT_BATCH_SIZE:
         raise SettingsError(f"EXPORT_BATCH_SIZE must be 1..{MAX_EXPORT_BATCH_SIZE}")
+    if s.rollup_partitions > MAX_ROLLUP_PARTITIONS:
+        raise SettingsError(f"ROLLUP_PARTITIONS must be 1..{MAX_ROLLUP_PARTITIONS}")
     if s.port > 65535:
         raise SettingsError("PORT must be at most 65535")
     if s.rate_limit_events_per_second < 0:

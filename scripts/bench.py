@@ -48,7 +48,7 @@ import msgspec
 import redis
 import uvloop
 
-from core import store, tail
+from core import keys, store, tail
 from core.buckets import DAY, MINUTE, floor, ms, to_datetime
 from core.connections import connect_redis
 from core.events import Event, decode_events, to_document
@@ -525,7 +525,7 @@ async def seed_account(settings: Settings, account: str, count: int, rng: random
                                            [d["type"] for d in docs],
                                            [d["user_id"] for d in docs]))  # fmt: skip
         await client.xadd(part.tail(account), {"e": blob})
-        await client.sadd(part.dirty, account)
+        await client.sadd(keys.account_dirty_set(settings, part, account), account)
 
     step = 5000
     for start in range(0, count, step):

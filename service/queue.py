@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from core import tail
 from core.connections import REDIS_ERRORS, Redis
-from core.keys import GROUP, Partition, partition_of, partitions
+from core.keys import GROUP, Partition, account_dirty_set, partition_of, partitions
 from core.settings import Settings
 from core.tail import TailEvents
 
@@ -114,17 +114,17 @@ QUEUED, QUEUE_FULL = 1, -1
 
 # Retire entries this consumer still owns: acknowledge, delete, shrink the
 # depth counter, append the events each one newly stored to the accounts'
-# tails (and mark those accounts dirty for the rollup job), optionally park the
-# entry in the dead-letter stream. An entry another consumer has claimed
-# meanwhile is left alone: its new owner stores and counts it, so counting it
-# here too would count it twice.
+# tails (and mark those accounts dirty for the rollup job, in the dirty set of
+# the account's rollup partition), optionally park the entry in the dead-letter
+# stream. An entry another consumer has claimed meanwhile is left alone: its new
+# owner stores and counts it, so counting it here too would count it twice.
 #
-# KEYS: stream, depth, dirty set, dead-letter stream, then the tail keys
+# KEYS: stream, depth, dead-letter stream, then the tail keys and dirty sets
 # ARGV: group, consumer, number of entries, then per entry:
 #   id, event count, dead-letter reason ("" = none), body, attempts, first and last
 #   failure (epoch ms), events it stored, accounts (comma-separated) (the last six ""
-#   unless dead-lettered), number of tails k, then k times: tail key index (into
-#   KEYS), account, events blob
+#   unless dead-lettered), number of tails k, then k times: tail key index and dirty
+#   set index (into KEYS), account, events blob
 # returns per entry 1 (retired here) or 0 (no longer ours)
 _RETIRE = """
 local group, consumer = ARGV[1], ARGV[2]
@@ -140,19 +140,19 @@ for e = 1, tonumber(ARGV[3]) do
     redis.call('XDEL', KEYS[1], id)
     redis.call('DECRBY', KEYS[2], count)
     if reason ~= '' then
-      redis.call('XADD', KEYS[4], '*', 'count', count, 'body', body, 'reason', reason,
+      redis.call('XADD', KEYS[3], '*', 'count', count, 'body', body, 'reason', reason,
                  'source_id', id, 'attempts', ARGV[dead], 'first_failure', ARGV[dead + 1],
                  'last_failure', ARGV[dead + 2], 'stored', ARGV[dead + 3],
                  'accounts', ARGV[dead + 4])
     end
     for t = 1, tails do
-      redis.call('XADD', KEYS[tonumber(ARGV[pos])], '*', 'e', ARGV[pos + 2])
-      redis.call('SADD', KEYS[3], ARGV[pos + 1])
-      pos = pos + 3
+      redis.call('XADD', KEYS[tonumber(ARGV[pos])], '*', 'e', ARGV[pos + 3])
+      redis.call('SADD', KEYS[tonumber(ARGV[pos + 1])], ARGV[pos + 2])
+      pos = pos + 4
     end
     out[e] = 1
   else
-    pos = pos + 3 * tails
+    pos = pos + 4 * tails
     out[e] = 0
   end
 end
@@ -165,9 +165,9 @@ return out
 # fewer entries for every summary and rollover to read). Does nothing and
 # returns 0 if any entry is no longer ours: the caller retires them one by one.
 #
-# KEYS: stream, depth, dirty set, then the tail keys
-# ARGV: group, consumer, number of entries n, n ids, total event count,
-#   then per tail key (in KEYS order): account, events blob
+# KEYS: stream, depth, then d dirty sets, then the tail keys
+# ARGV: group, consumer, number of entries n, n ids, total event count, d,
+#   then per tail key (in KEYS order): account, events blob, its dirty set's index
 _RETIRE_ALL = """
 local group, consumer, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 for i = 4, 3 + n do
@@ -181,11 +181,11 @@ for i = 4, 3 + n, 1000 do  -- unpack() refuses more than ~8000 values at once
   redis.call('XDEL', KEYS[1], unpack(ARGV, i, last))
 end
 redis.call('DECRBY', KEYS[2], ARGV[4 + n])
-local pos = 5 + n
-for t = 4, #KEYS do
+local pos = 6 + n
+for t = 3 + tonumber(ARGV[5 + n]), #KEYS do
   redis.call('XADD', KEYS[t], '*', 'e', ARGV[pos + 1])
-  redis.call('SADD', KEYS[3], ARGV[pos])
-  pos = pos + 2
+  redis.call('SADD', KEYS[tonumber(ARGV[pos + 2])], ARGV[pos])
+  pos = pos + 3
 end
 return 1
 """
@@ -398,14 +398,18 @@ class Consumer:
         args: list[Any] = [GROUP, self.name, len(retirements)]
         args += [r.entry.entry_id for r in retirements]
         args.append(sum(r.entry.count for r in retirements))
-        for account, events in merged.items():
-            args += [account, tail.encode(events)]
-        keys = [part.stream, part.depth, part.dirty, *(part.tail(a) for a in merged)]
+        dirty: dict[str, int] = {}  # dirty set -> its index in KEYS
+        sets = [dirty.setdefault(account_dirty_set(self._settings, part, a), len(dirty) + 3)
+                for a in merged]  # fmt: skip
+        args.append(len(dirty))
+        for (account, events), index in zip(merged.items(), sets, strict=True):
+            args += [account, tail.encode(events), index]
+        keys = [part.stream, part.depth, *dirty, *(part.tail(a) for a in merged)]
         return bool(await self._retire_all(keys=keys, args=args))
 
     async def _retire_each(self, retirements: Sequence[Retirement]) -> list[bool]:
         part = self.partition
-        tail_keys: dict[str, int] = {}
+        indexes: dict[str, int] = {}  # tail keys and dirty sets -> their index in KEYS
         args: list[Any] = [GROUP, self.name, len(retirements)]
         now = int(time.time() * 1000)
         for r in retirements:
@@ -419,10 +423,11 @@ class Consumer:
                 args += ["", "", "", "", "", ""]
             args.append(len(r.tails))
             for account, events in r.tails.items():
-                key = part.tail(account)
-                index = tail_keys.setdefault(key, len(tail_keys) + 5)
-                args += [index, account, tail.encode(events)]
-        keys = [part.stream, part.depth, part.dirty, part.dead, *tail_keys]
+                dirty = account_dirty_set(self._settings, part, account)
+                for key in (part.tail(account), dirty):
+                    args.append(indexes.setdefault(key, len(indexes) + 4))
+                args += [account, tail.encode(events)]
+        keys = [part.stream, part.depth, part.dead, *indexes]
         result = await self._retire(keys=keys, args=args)
         return [bool(flag) for flag in result]
 

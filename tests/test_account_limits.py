@@ -8,7 +8,7 @@ import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from core import tail
+from core import keys, tail
 from core.buckets import floor, ms
 from core.keys import partitions
 from rollups.scheduler import RollupsProcess
@@ -47,7 +47,7 @@ async def test_an_account_past_the_document_limit_stops_no_other_and_stays_exact
             [str(uuid.UUID(int=rng.getrandbits(128))) for _ in range(PER_ENTRY)],
         )  # fmt: skip
         redis.xadd(part.tail(huge), {"e": tail.encode(events)})
-    redis.sadd(part.dirty, huge)
+    redis.sadd(keys.account_dirty_set(running.settings, part, huge), huge)
     process = RollupsProcess(running.settings)
     try:
         await process.startup()

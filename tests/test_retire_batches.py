@@ -52,9 +52,10 @@ async def test_ten_thousand_one_event_entries_retire_in_one_call(stack: Stack) -
             reply: Any = await client.xrange(part.tail(account))
             [entry] = parse_entries(part.index, reply)
             assert len(entry.events.ts) == ENTRIES // 2
-        assert set(await client.smembers(part.dirty)) == {a.encode() for a in accounts}
+        dirty = keys.dirty_set(settings, part, 0)
+        assert set(await client.smembers(dirty)) == {a.encode() for a in accounts}
     finally:
-        await client.delete(part.stream, part.depth, part.dirty,
+        await client.delete(part.stream, part.depth, keys.dirty_set(settings, part, 0),
                             *(part.tail(a) for a in ("acc_a", "acc_b")))  # fmt: skip
         await client.aclose()
 
