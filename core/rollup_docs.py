@@ -80,12 +80,21 @@ class Head:
     minutes: dict[int, str] = field(default_factory=dict)
     hours: dict[int, str] = field(default_factory=dict)
     index: str | None = None
-    retired: list[tuple[Kind, str]] = field(default_factory=list)  # delete next time
+    retired: list[tuple[Kind, str]] = field(default_factory=list)  # superseded by this head
     # erasures applied to this account so far (readers' running counts of the tail
     # start afresh when it moves: ``service/tail_counts.py``), and the run id of the
     # last one, so an erasure resumed after a crash knows its corrections are in
     erased: int = 0
     erasure: str = ""
+    # the fencing token of the rollup partition's lease it was written under: a head
+    # goes in only after one written under a token no newer (rollups/lease.py)
+    fence: int = 0
+    # retiring (rollups/rollover.py): the version at which the documents superseded
+    # until then were deleted, roughly how many bytes were superseded since, and the
+    # buckets rewritten since ("m <start>", "h <start>"), whose older versions go next
+    swept: int = 0
+    garbage: int = 0
+    rewritten: list[str] = field(default_factory=list)
 
     def applied_id(self, partition: int) -> StreamId:
         return self.applied.get(partition, (0, 0))
@@ -111,6 +120,10 @@ class Head:
             "retired": [f"{kind} {doc_id}" for kind, doc_id in self.retired],
             "erased": self.erased,
             "erasure": self.erasure,
+            "fence": self.fence,
+            "swept": self.swept,
+            "garbage": self.garbage,
+            "rewritten": self.rewritten,
         }
 
     @classmethod
@@ -122,9 +135,13 @@ class Head:
             applied={int(p): parse_id(i) for p, i in doc.get("applied", {}).items()},
             windows=dict(doc.get("windows", {})),
             index=doc.get("index"),
-            retired=[_retired(item) for item in doc.get("retired", [])],
+            retired=[kind_and_id(item) for item in doc.get("retired", [])],
             erased=int(doc.get("erased", 0)),
             erasure=doc.get("erasure", ""),
+            fence=int(doc.get("fence", 0)),
+            swept=int(doc.get("swept", 0)),
+            garbage=int(doc.get("garbage", 0)),
+            rewritten=list(doc.get("rewritten", [])),
         )
 
     def copy(self) -> bytes:
@@ -146,6 +163,7 @@ class Head:
             "kind": "index",
             "minutes": Binary(_encode(sorted(self.minutes.items()))),
             "hours": Binary(_encode(sorted(self.hours.items()))),
+            "v": self.version,
         }
 
 
@@ -162,7 +180,7 @@ class _HeadCopy(msgspec.Struct, array_like=True, gc=False):
 _copy_decoder = msgspec.msgpack.Decoder(_HeadCopy)
 
 
-def _retired(item: str) -> tuple[Kind, str]:
+def kind_and_id(item: str) -> tuple[Kind, str]:
     kind, _, doc_id = item.partition(" ")
     assert kind in COLLECTIONS, item
     return kind, doc_id
@@ -278,6 +296,10 @@ class Series:
 
     def encode(self) -> Binary:
         return Binary(_encode(self.minutes))
+
+    @classmethod
+    def decode(cls, blob: bytes) -> Series:
+        return cls(dict(_series_decoder.decode(blob)))
 
     def size(self) -> int:
         """Roughly the bytes it holds in memory (~19 KB for 60 minutes of 3 types)."""

@@ -167,6 +167,38 @@ async def read_tails(
     return TailRead(to, entries, head or None)
 
 
+TAILS_PER_CALL = 1000  # accounts' tails per pipelined call of read_many_tails
+
+
+async def read_many_tails(
+    client: Any, parts: Sequence[Partition], accounts: Sequence[str], chunk: int = READ_CHUNK
+) -> dict[str, list[TailEntry]]:
+    """Many accounts' tails in every partition, in pipelined calls of up to
+    ``TAILS_PER_CALL`` accounts (a tail longer than ``chunk`` entries is read on, a chunk
+    at a time). For a rollover, which needs no clock nor head copy with them: an
+    entry is trimmed only by a rollover whose head applied it."""
+    out: dict[str, list[TailEntry]] = {}
+    for start in range(0, len(accounts), TAILS_PER_CALL):
+        some = accounts[start : start + TAILS_PER_CALL]
+        async with client.pipeline(transaction=False) as pipe:
+            for account in some:
+                for part in parts:
+                    pipe.xrange(part.tail(account), "-", "+", count=chunk)
+            replies = iter(await pipe.execute())
+        for account in some:
+            entries = out[account] = []
+            for part in parts:
+                found = parse_entries(part.index, next(replies))
+                while len(found) == chunk:  # a long tail: the rest, a chunk at a time
+                    entries.extend(found)
+                    after = f"({format_id(found[-1].entry_id)}"
+                    found = parse_entries(part.index,
+                                          await client.xrange(part.tail(account), after, "+",
+                                                              count=chunk))  # fmt: skip
+                entries.extend(found)
+    return out
+
+
 def redis_time_ms(reply: Sequence[Any]) -> int:
     """The Redis server's clock (TIME): the one clock every process of the service shares."""
     seconds, micros = int(reply[0]), int(reply[1])

@@ -23,15 +23,18 @@ same result.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from cachetools import LRUCache
-from pymongo.errors import DuplicateKeyError
+from pymongo import DeleteOne
+from pymongo.errors import BulkWriteError, WriteError
 
 from core import keys
 from core.buckets import (
@@ -53,7 +56,6 @@ from core.rollup_docs import (
     Series,
     bucket_id,
     document,
-    head_id,
     index_id,
     read_head,
     read_packed,
@@ -61,13 +63,23 @@ from core.rollup_docs import (
     window_id,
 )
 from core.settings import Settings
-from core.store import Database, Document
-from core.tail import StreamId, TailEntry, format_id, read_tails
-from rollups.sweep import draft_record
+from core.store import DUPLICATE_KEY, Database, Document
+from core.tail import StreamId, TailEntry, format_id, read_many_tails, read_tails
+from rollups.sweep import (
+    GARBAGE_BYTES,
+    buckets_of,
+    draft_record,
+    named_by,
+    retire_superseded,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_ENTRIES = 2_000_000  # dict entries of cached documents (~200 MB at most)
+SERIES_BYTES = 64 * 1024 * 1024  # encoded hour series kept (~2.5 KB for a busy hour)
+READS_AT_ONCE = 16  # store reads in flight while preparing a batch
+SWEEPS_AT_ONCE = 8  # accounts whose superseded documents are deleted at once
+KEEP_HEAD_CALLS = 1000  # head copies per Redis pipeline
 _encode = msgspec.msgpack.Encoder().encode
 
 # Delete the account's tail entries that were applied and hold nothing at or
@@ -104,6 +116,11 @@ class HeadConflict(Exception):
     """Another rollup job moved the head first; this rollover was dropped."""
 
 
+class Fenced(HeadConflict):
+    """The head was written under a newer fencing token than this roller's: another
+    process holds the account's rollup partition now (rollups/lease.py)."""
+
+
 @dataclass
 class Rolled:
     """What one rollover did."""
@@ -126,6 +143,22 @@ class Draft:
         default_factory=lambda: {"minute": [], "hour": [], "window": [], "index": []}
     )
     retired: list[tuple[Kind, str]] = field(default_factory=list)  # superseded ids
+    entries: list[TailEntry] = field(default_factory=list)  # the tail it read
+
+    def rolled(self) -> Rolled:
+        rolled = Rolled(self.new, events=sum(c.total for c in self.applied.values()))
+        rolled.documents = {kind: len(written) for kind, written in self.docs.items()}
+        return rolled
+
+
+@dataclass
+class Published:
+    """What publishing a batch of drafts came to, draft by draft."""
+
+    won: list[Draft] = field(default_factory=list)  # its head is the account's now
+    raced: list[Draft] = field(default_factory=list)  # another head took its version
+    fenced: list[Draft] = field(default_factory=list)  # a newer lease holder's head is there
+    failed: list[tuple[Draft, Exception]] = field(default_factory=list)  # a write refused
 
 
 def _entries(counts: Counts) -> int:
@@ -160,12 +193,32 @@ class Roller:
         self.cache = DocumentCache()
         # the heads this process wrote or read: an account idle long enough is read again
         self.heads: LRUCache[str, Head] = LRUCache(maxsize=settings.rollup_heads_kept)
+        # the hour series this process wrote or read, encoded (an hour bucket is rewritten
+        # with its series every minute the account is active)
+        self.series: LRUCache[str, bytes] = LRUCache(maxsize=SERIES_BYTES, getsizeof=len)
+        # rollup partition -> the fencing token of the lease this roller works under; a
+        # head of an account whose partition is not here is written under token 0, which
+        # a head written under any lease refuses (rollups/lease.py)
+        self.fence: dict[int, int] = {}
         self._trim = redis.register_script(_TRIM)
         self._keep_head = redis.register_script(_KEEP_HEAD)
 
-    def forget_heads(self) -> None:
-        """Another job may have written heads (we lost the lease for a while)."""
-        self.heads.clear()
+    def forget_heads(self, partitions: Iterable[int] | None = None) -> None:
+        """Another job may have written heads (we lost the lease for a while): all of
+        them, or those of accounts of these rollup partitions."""
+        if partitions is None:
+            self.heads.clear()
+            return
+        gone = set(partitions)
+        for account in [a for a in self.heads if self.partition_of(a) in gone]:
+            self.heads.pop(account, None)
+
+    def partition_of(self, account_id: str) -> int:
+        return keys.rollup_partition_of(self.settings, account_id)
+
+    def token(self, account_id: str) -> int:
+        """The fencing token this roller writes the account's heads under."""
+        return self.fence.get(self.partition_of(account_id), 0)
 
     async def head(self, account_id: str) -> Head:
         cached = self.heads.get(account_id)
@@ -173,8 +226,24 @@ class Roller:
             return cached
         return await read_head(self.db, account_id, with_index=True) or Head(account_id)
 
+    async def heads_of(self, accounts: Sequence[str]) -> dict[str, Head]:
+        """Many accounts' heads: those kept in memory, the others read (a few at once)."""
+        found = {a: h for a in accounts if (h := self.heads.get(a)) is not None}
+        gate = asyncio.Semaphore(READS_AT_ONCE)
+
+        async def read(account: str) -> None:
+            async with gate:
+                found[account] = await self.head(account)
+
+        await asyncio.gather(*(read(a) for a in accounts if a not in found))
+        return found
+
     async def read_tail(self, account_id: str) -> list[TailEntry]:
         return (await read_tails(self.redis, self.partitions, account_id)).entries
+
+    async def read_tail_of(self, accounts: Sequence[str]) -> dict[str, list[TailEntry]]:
+        """Many accounts' tails, in pipelined calls."""
+        return await read_many_tails(self.redis, self.partitions, accounts)
 
     async def roll(
         self,
@@ -200,7 +269,6 @@ class Roller:
         if rolled is None:
             return None
         self.heads[account_id] = rolled.head
-        await self._delete_retired(head.retired)
         await self._trim_tail(account_id, entries, rolled.head)
         return rolled
 
@@ -212,6 +280,23 @@ class Roller:
         corrections: dict[int, Counts],
         erasure: str = "",
     ) -> Rolled | None:
+        draft = await self.prepare(old, entries, minute, corrections, erasure)
+        if draft is None:
+            return None
+        await self._publish(draft)
+        return draft.rolled()
+
+    async def prepare(
+        self,
+        old: Head,
+        entries: list[TailEntry],
+        minute: int,
+        corrections: dict[int, Counts] | None = None,
+        erasure: str = "",
+    ) -> Draft | None:
+        """The new head of a rollover of ``old`` to ``minute`` and the documents it names,
+        not written yet; None when there is nothing to do."""
+        corrections = corrections or {}
         if old.minute is not None and minute < old.minute:
             return None  # a clock that went back; the next pass catches up
         applied = self._to_apply(old, entries, minute)
@@ -232,8 +317,11 @@ class Roller:
             index=old.index,
             erased=old.erased + 1 if erasure else old.erased,
             erasure=erasure or old.erasure,
+            swept=old.swept,
+            garbage=old.garbage,
+            rewritten=list(old.rewritten),
         )
-        draft = Draft(old, new, applied)
+        draft = Draft(old, new, applied, entries=entries)
         await self._move_windows(draft)
         await self._write_buckets(draft)
         self._prune_indexes(new)
@@ -243,10 +331,7 @@ class Roller:
             new.index = index_id(new.account_id, draft.tag)
             draft.docs["index"].append(new.index_document())
         new.retired = draft.retired
-        await self._publish(old, new, draft.docs, draft.tag)
-        rolled = Rolled(new, events=sum(c.total for c in applied.values()))
-        rolled.documents = {kind: len(written) for kind, written in draft.docs.items()}
-        return rolled
+        return draft
 
     async def reset(self, account_id: str, minute: int, erasure: str) -> Head:
         """Publish an empty head for the account (no figures, one more erasure, naming
@@ -259,9 +344,10 @@ class Roller:
         new = Head(account_id, version=old.version + 1,
                    minute=minute if old.minute is None else max(minute, old.minute),
                    applied=_advanced(old.applied, entries), erased=old.erased + 1,
-                   erasure=erasure)  # fmt: skip
+                   erasure=erasure, swept=old.swept, garbage=old.garbage,
+                   rewritten=list(old.rewritten))  # fmt: skip
         try:
-            await self._publish(old, new, {kind: [] for kind in COLLECTIONS})
+            await self._publish(Draft(old, new, {}, entries=entries))
         except HeadConflict:
             self.heads.pop(account_id, None)
             raise
@@ -330,7 +416,7 @@ class Roller:
             new.windows[window] = doc_id
             self.cache.put(doc_id, counts)
             aggregate = document("window", doc_id, new.account_id, start, pack(counts),
-                                 window=window, minute=new.minute)  # fmt: skip
+                                 window=window, minute=new.minute, v=new.version)  # fmt: skip
             draft.docs["window"].append(aggregate)
 
     async def _write_buckets(self, draft: Draft) -> None:
@@ -360,13 +446,14 @@ class Roller:
         counts = (await self._counts(resolution, current_id)).copy()
         for delta in deltas:
             counts.merge(delta)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"v": new.version}
+        doc_id = bucket_id(new.account_id, resolution, start, draft.tag)
         if series is not None:
             current = await self._series(current_id)
             for m, delta in series:
                 current.add(m, delta)
             extra["series"] = current.encode()
-        doc_id = bucket_id(new.account_id, resolution, start, draft.tag)
+            self.series[doc_id] = bytes(extra["series"])
         new.buckets(resolution)[start] = draft.tag
         if current_id:
             draft.retired.append((resolution, current_id))
@@ -377,6 +464,9 @@ class Roller:
     async def _series(self, doc_id: str | None) -> Series:
         if doc_id is None:
             return Series()
+        kept = self.series.get(doc_id)
+        if kept is not None:
+            return Series.decode(kept)
         found = await read_series(self.db, doc_id)
         if found is None:
             raise LookupError(f"hour bucket {doc_id} is missing")
@@ -390,56 +480,188 @@ class Roller:
         head.minutes = {m: v for m, v in head.minutes.items() if m >= minute_floor}
         head.hours = {h: v for h, v in head.hours.items() if h >= hour_floor}
 
-    async def _publish(
-        self, old: Head, new: Head, docs: dict[Kind, list[Document]], tag: str = ""
-    ) -> None:
-        """Insert the new documents, then swing the head to them (compare-and-set).
+    async def _publish(self, draft: Draft) -> None:
+        """Publish one draft (:meth:`publish`); HeadConflict (Fenced) if its head did not
+        go in, or the store's refusal."""
+        published = await self.publish([draft])
+        if published.fenced:
+            raise Fenced(draft.new.account_id)
+        if published.raced:
+            raise HeadConflict(draft.new.account_id)
+        if published.failed:
+            raise published.failed[0][1]
 
-        The documents are recorded as a draft first, and the record removed once the
-        head names them (or they are discarded): a pass that dies in between leaves a
-        record the sweep (``rollups/sweep.py``) finds its documents by."""
-        drafts = self.db[keys.DRAFTS]
-        recorded = bool(tag) and any(docs.values())
+    async def publish(self, drafts: Sequence[Draft]) -> Published:
+        """Insert the drafts' documents, then swing each account's head to them by
+        compare-and-set: one ``insert_many`` per collection for every account of the
+        batch, then one of the new head versions (``ordered=False``: the unique ``_id``
+        lets one rollover per version through, and the duplicate-key errors name the
+        accounts that lost a race).
+
+        The documents are recorded first (one draft record for the batch) and the
+        record removed once every head named them or they were discarded: a pass that
+        dies in between leaves a record the sweep (``rollups/sweep.py``) finds its
+        documents by. A draft whose account's head was written under a newer fencing
+        token than this roller's is refused before anything is written; one that
+        loses the race, or whose documents the store refused, has its documents
+        deleted again, so no head ever names them. The winners' heads are copied to
+        Redis; retiring (what they superseded) happens on the way (:meth:`_retire`)."""
+        out = Published()
+        live: list[Draft] = []
+        for draft in drafts:
+            token = self.token(draft.new.account_id)
+            if draft.old.fence > token:  # a newer holder of the partition wrote it
+                out.fenced.append(draft)
+                self.heads.pop(draft.new.account_id, None)
+            else:
+                draft.new.fence = token
+                live.append(draft)
+        if not live:
+            return out
+        tag = secrets.token_hex(8)
+        recorded = any(any(d.docs.values()) for d in live)
         if recorded:
-            await drafts.insert_one(draft_record(tag, new, docs))
-        for kind, written in docs.items():
-            if written:
-                await self.db[COLLECTIONS[kind]].insert_many(written, ordered=False)
-        heads = self.db[keys.HEADS]
-        try:  # the unique _id lets one rollover per version through: the compare-and-set
-            await heads.insert_one(new.to_document())
-        except DuplicateKeyError:
-            await self._discard(docs)
-            if recorded:
-                await drafts.delete_one({"_id": tag})
-            raise HeadConflict(new.account_id) from None
+            await self.db[keys.DRAFTS].insert_one(draft_record(tag, [d.docs for d in live]))
+        refused: dict[int, Exception] = {}  # index in live -> why the store refused it
+        for kind, collection in COLLECTIONS.items():
+            owners = [i for i, d in enumerate(live) for _ in d.docs[kind]]
+            if owners:
+                written = [doc for d in live for doc in d.docs[kind]]
+                refused.update(await _insert_all(self.db[collection], written, owners))
+        await self._retire([d for i, d in enumerate(live) if i not in refused])
+        trying = [i for i in range(len(live)) if i not in refused]
+        heads = [live[i].new.to_document() for i in trying]
+        raced = set()
+        for index, error in (await _insert_all(self.db[keys.HEADS], heads, trying)).items():
+            if isinstance(error, WriteError) and error.code == DUPLICATE_KEY:
+                raced.add(index)
+            else:
+                refused[index] = error
+        for i, draft in enumerate(live):
+            if i in raced:
+                out.raced.append(draft)
+            elif i in refused:
+                out.failed.append((draft, refused[i]))
+            else:
+                out.won.append(draft)
+        lost = [d for d in (*out.raced, *(d for d, _ in out.failed))]
+        await self._discard([d.docs for d in lost])
+        for draft in lost:
+            self.heads.pop(draft.new.account_id, None)
         if recorded:
-            await drafts.delete_one({"_id": tag})
+            await self.db[keys.DRAFTS].delete_one({"_id": tag})
         # before the tail is trimmed: a reader of the copy and the tail misses nothing
-        copy_key = keys.head_copy(self.settings, new.account_id)
+        await self._keep_heads([d.new for d in out.won])
+        for draft in out.won:
+            self.heads[draft.new.account_id] = draft.new
+        return out
+
+    async def _retire(self, drafts: Sequence[Draft]) -> None:
+        """Retiring, in arrears: what a rollover supersedes (the window aggregates, bucket
+        versions and bucket index it replaces, the previous head) is not deleted one
+        document at a time (a delete costs the store ~20 inserts) but every
+        ``ROLLUP_SWEEP_EVERY`` rollovers of the account (or once ~``GARBAGE_BYTES`` were
+        superseded), all of it with one delete per collection, before the new head
+        goes in (``rollups/sweep.py`` ``retire_superseded``). What the old head itself
+        superseded is kept, for readers still holding the head before it; an idle
+        account's rest goes with the sweep ``RETIRE_AFTER_MS`` after its last rollover.
+        The new head records where this leaves the account (``swept``, ``garbage``,
+        ``rewritten``); an account's first head starts it at a point of the cycle of its
+        own (a hash), so that accounts that start together retire in different passes."""
+        due: list[Draft] = []
+        every = self.settings.rollup_sweep_every
+        for draft in drafts:
+            old, new = draft.old, draft.new
+            superseded = sum(_binary_bytes(doc) for kind in ("window", "hour", "index")
+                             for doc in draft.docs[kind])  # fmt: skip
+            mine = buckets_of(new.retired)
+            if not old.version:
+                new.swept = -(zlib.crc32(new.account_id.encode()) % every)
+            elif new.version - old.swept >= every or old.garbage + superseded >= GARBAGE_BYTES:
+                due.append(draft)
+                new.swept, new.garbage = new.version, superseded
+                new.rewritten = sorted(buckets_of(old.retired) | mine)
+            else:
+                new.garbage = old.garbage + superseded
+                new.rewritten = sorted(set(old.rewritten) | mine)
+        gate = asyncio.Semaphore(SWEEPS_AT_ONCE)
+
+        async def sweep(draft: Draft) -> None:
+            old, new = draft.old, draft.new
+            keep = named_by(old) | named_by(new) | {doc_id for _, doc_id in old.retired}
+            async with gate:
+                await retire_superseded(self.db, old, keep, old.rewritten)
+
+        await asyncio.gather(*(sweep(d) for d in due))
+
+    async def retire_all(self, head: Head) -> int:
+        """Delete every document of the account that ``head`` does not name (written for
+        it or an older head), and its older head versions: what an erasure leaves."""
+        buckets = set(head.rewritten) | buckets_of(head.retired)
+        return await retire_superseded(self.db, head, named_by(head), sorted(buckets))
+
+    async def _keep_heads(self, heads: Sequence[Head]) -> None:
+        """Keep the new heads' copies in Redis, in pipelined calls."""
+        if not heads:
+            return
         ttl = self.settings.head_copy_ttl_seconds
-        await self._keep_head(keys=[copy_key], args=[new.version, new.copy(), ttl])
-        if old.version:
-            await heads.delete_one({"_id": head_id(old.account_id, old.version)})
+        sha = await self.redis.script_load(_KEEP_HEAD)
+        for start in range(0, len(heads), KEEP_HEAD_CALLS):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for head in heads[start : start + KEEP_HEAD_CALLS]:
+                    pipe.evalsha(sha, 1, keys.head_copy(self.settings, head.account_id),
+                                 head.version, head.copy(), ttl)  # fmt: skip
+                await pipe.execute()
 
-    async def _discard(self, docs: dict[Kind, list[Document]]) -> None:
-        for kind, written in docs.items():
-            for doc in written:
-                await self.db[COLLECTIONS[kind]].delete_one({"_id": doc["_id"]})
+    async def _discard(self, written: Sequence[dict[Kind, list[Document]]]) -> None:
+        """Delete documents no head will name (one bulk delete per collection)."""
+        for kind, collection in COLLECTIONS.items():
+            ids = [doc["_id"] for docs in written for doc in docs[kind]]
+            if ids:
+                await self.db[collection].bulk_write([DeleteOne({"_id": i}) for i in ids],
+                                                     ordered=False)  # fmt: skip
 
-    async def _delete_retired(self, retired: Iterable[tuple[Kind, str]]) -> None:
-        for kind, doc_id in retired:
-            await self.db[COLLECTIONS[kind]].delete_one({"_id": doc_id})
-
-    async def _trim_tail(self, account_id: str, entries: list[TailEntry], head: Head) -> None:
+    def trim_calls(self, account_id: str, entries: list[TailEntry],
+                   head: Head) -> list[tuple[list[str], list[str]]]:  # fmt: skip
+        """The ``_TRIM`` calls (keys, args) that drop the tail entries ``head`` applied and
+        needs no more, one per stream partition."""
         assert head.minute is not None
         by_partition: dict[int, list[str]] = {}
         for entry in entries:
             if entry.entry_id <= head.applied_id(entry.partition) and entry.newest < head.minute:
                 by_partition.setdefault(entry.partition, []).append(format_id(entry.entry_id))
-        for part in self.partitions:
-            ids = by_partition.get(part.index, [])
-            await self._trim(keys=[part.tail(account_id), part.dirty], args=[account_id, *ids])
+        dirty = self.partition_of(account_id)
+        return [([part.tail(account_id), keys.dirty_set(self.settings, part, dirty)],
+                 [account_id, *by_partition.get(part.index, [])])
+                for part in self.partitions]  # fmt: skip
+
+    async def _trim_tail(self, account_id: str, entries: list[TailEntry], head: Head) -> None:
+        for trim_keys, args in self.trim_calls(account_id, entries, head):
+            await self._trim(keys=trim_keys, args=args)
+
+
+async def _insert_all(
+    collection: Any, docs: list[Document], owners: Sequence[int]
+) -> dict[int, Exception]:
+    """Insert every document (unordered); which owners had one refused, and why. A write
+    concern error, or any other failure of the call, is raised."""
+    try:
+        await collection.insert_many(docs, ordered=False)
+        return {}
+    except BulkWriteError as exc:
+        if exc.details.get("writeConcernErrors"):
+            raise
+        refused: dict[int, Exception] = {}
+        for error in exc.details.get("writeErrors", []):
+            owner = owners[int(error["index"])]
+            refused.setdefault(owner, WriteError(error.get("errmsg", ""), error.get("code"),
+                                                 error))  # fmt: skip
+        return refused
+
+
+def _binary_bytes(doc: Document) -> int:
+    """Roughly what a rollup document weighs: its packed fields."""
+    return sum(len(v) for v in doc.values() if isinstance(v, bytes))
 
 
 def _advanced(applied: dict[int, StreamId], entries: list[TailEntry]) -> dict[int, StreamId]:

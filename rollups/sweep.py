@@ -2,32 +2,48 @@
 
 A rollover writes its new documents first, then swings the account's head to
 them (``rollups/rollover.py``). A pass that dies in between (SIGKILL, a timeout)
-leaves documents no head names; a rollover deletes what the previous one
-superseded (its head's ``retired`` list) only when the account rolls again,
-which an idle account never does. This sweep, run with retention under the
-rollups lease, removes both:
+leaves documents no head names; what rollovers supersede is deleted in arrears
+(**retiring**, below), at an account's later rollover, which an idle account
+never has. This sweep, run with retention by the holder of rollup partition 0,
+removes both:
 
-- **drafts**: every rollover records its documents in ``rollup_drafts`` before
-  writing them and removes the record once its head is published (or its
-  documents discarded after losing the race). A record older than
-  ``ORPHAN_AFTER`` belongs to a dead pass: if the account's current head names
-  none of its documents they are deleted, then the record.
-- **retired**: each published head that retires documents is scheduled (a Redis
-  sorted set) ``RETIRE_AFTER`` later; by then an active account has rolled again
-  and its next rollover deleted them (the head is gone: nothing to do); for an
-  idle one, whose head is still current, they are deleted here.
+- **drafts**: every batch of rollovers records its documents in
+  ``rollup_drafts`` before writing them and removes the record once their heads
+  are published (or their documents discarded after losing the race). A record
+  older than ``ORPHAN_AFTER`` belongs to a dead pass: the documents of each of
+  its accounts whose current head names none of them are deleted, then the
+  record.
+- **retired**: each account that rolls is scheduled (a Redis sorted set per
+  rollup partition, one member per account) ``RETIRE_AFTER`` later; by then an
+  active account has rolled again and pushed that back; for an idle one, whose
+  head is still current, everything it superseded goes here.
+
+**Retiring.** One delete per document costs FerretDB ~20 times an insert, and a
+busy account supersedes ~9 documents a minute (six window aggregates, the hour
+bucket, the bucket index, the head). So nothing is deleted document by document:
+every ``ROLLUP_SWEEP_EVERY`` rollovers of an account, :func:`retire_superseded`
+deletes all it superseded with one ``delete_many`` per collection, by the
+account (indexed) and what to keep. It is safe whoever runs it, even a process
+whose lease lapsed long ago, because every rollup document records the head
+version it was written for (``v``) and only documents written for the reference
+head or older go: a rollover that can still publish writes for a newer version
+(its head follows the current one, compare-and-set), and a document a newer
+head names that was written for an older one was named by every head since,
+the reference included (documents are never named again once superseded).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from core import keys, metrics
+from core.buckets import to_datetime
 from core.connections import Redis
 from core.events import now_utc
-from core.rollup_docs import COLLECTIONS, Head, Kind, head_id, read_head
+from core.rollup_docs import COLLECTIONS, Head, Kind, kind_and_id, read_head
 from core.settings import Settings
 from core.store import Database, Document
 
@@ -36,12 +52,50 @@ log = logging.getLogger(__name__)
 ORPHAN_AFTER = timedelta(minutes=10)  # far longer than any pass (ROLLUP_TIMEOUT_SECONDS)
 RETIRE_AFTER_MS = 10 * 60_000  # a reader of the head before it has long finished
 MAX_PER_SWEEP = 1000  # bounded work per call; the next sweep goes on
+GARBAGE_BYTES = 8 * 1024 * 1024  # superseded this much: retire at the next rollover
 
 
-def draft_record(tag: str, head: Head, docs: dict[Kind, list[Document]]) -> Document:
-    return {"_id": tag, "account_id": head.account_id, "created_at": now_utc(),
-            "docs": [f"{kind} {d['_id']}" for kind, written in docs.items()
-                     for d in written]}  # fmt: skip
+def draft_record(tag: str, written: Iterable[dict[Kind, list[Document]]]) -> Document:
+    """The record of a batch's documents, kept while they are written (every id begins
+    with its account: ``core/rollup_docs.py``), and of their accounts."""
+    docs = [f"{kind} {d['_id']}" for those in written for kind, some in those.items()
+            for d in some]  # fmt: skip
+    accounts = sorted({account_of(item.partition(" ")[2]) for item in docs})
+    return {"_id": tag, "created_at": now_utc(), "accounts": accounts, "docs": docs}
+
+
+def account_of(doc_id: str) -> str:
+    """The account of a rollup document's id (account ids hold no ``|``)."""
+    return doc_id.partition("|")[0]
+
+
+async def retire_superseded(db: Database, ref: Head, keep: set[str], buckets: Iterable[str]) -> int:
+    """Delete the account's documents written for head ``ref`` or older (its version)
+    that are not in ``keep``: every window aggregate and bucket index, every version of
+    the buckets listed (``"m <start>"``, ``"h <start>"``), and the head versions before
+    ``ref``. One ``delete_many`` per collection (per bucket for the buckets), by the
+    account; how many documents went."""
+    account = ref.account_id
+    written_for = {"$or": [{"v": {"$lte": ref.version}}, {"v": {"$exists": False}}]}
+    deleted = 0
+    aggregates: list[tuple[Kind, str]] = [("window", f"{account}|w|"), ("index", f"{account}|i|")]
+    for kind, marker in aggregates:
+        kept = [doc_id for doc_id in keep if doc_id.startswith(marker)]
+        found = await db[COLLECTIONS[kind]].delete_many(
+            {"account_id": account, "_id": {"$nin": kept}, **written_for}
+        )
+        deleted += found.deleted_count
+    for bucket in buckets:
+        letter, _, start = bucket.partition(" ")
+        resolution: Kind = "minute" if letter == "m" else "hour"
+        prefix = f"{account}|{letter}|{start}|"
+        kept = [doc_id for doc_id in keep if doc_id.startswith(prefix)]
+        found = await db[COLLECTIONS[resolution]].delete_many(
+            {"account_id": account, "start": to_datetime(int(start)), "_id": {"$nin": kept},
+             **written_for})  # fmt: skip
+        deleted += found.deleted_count
+    await db[keys.HEADS].delete_many({"account_id": account, "version": {"$lt": ref.version}})
+    return deleted
 
 
 def named_by(head: Head | None) -> set[str]:
@@ -56,11 +110,25 @@ def named_by(head: Head | None) -> set[str]:
     return named
 
 
+def buckets_of(retired: Iterable[tuple[Kind, str]]) -> set[str]:
+    """The buckets (``"m <start>"``, ``"h <start>"``) of superseded bucket versions."""
+    found = set()
+    for kind, doc_id in retired:
+        if kind in ("minute", "hour"):
+            found.add(f"{kind[0]} {doc_id.split('|')[2]}")
+    return found
+
+
+def retire_due(head: Head) -> bool:
+    """Whether the head leaves superseded documents behind for the idle sweep."""
+    return bool(head.retired) or head.version > head.swept
+
+
 async def schedule_retired(redis: Redis, settings: Settings, head: Head) -> None:
-    if head.retired:
-        member = head_id(head.account_id, head.version)
+    if retire_due(head):
         due = time.time() * 1000 + RETIRE_AFTER_MS
-        await redis.zadd(keys.rollup_retire(settings), {member: due})
+        partition = keys.rollup_partition_of(settings, head.account_id)
+        await redis.zadd(keys.rollup_retire(settings, partition), {head.account_id: due})
 
 
 class Sweep:
@@ -69,42 +137,61 @@ class Sweep:
         self.redis = redis
         self.settings = settings
 
-    async def run(self, now: datetime | None = None) -> tuple[int, int]:
-        """(orphaned documents deleted, retired documents deleted)."""
-        return await self.drafts(now or now_utc()), await self.retired()
+    async def run(
+        self, now: datetime | None = None, partitions: Iterable[int] | None = None
+    ) -> tuple[int, int]:
+        """(orphaned documents deleted, retired documents deleted); the retire schedules of
+        these rollup partitions (all of them unless given)."""
+        if partitions is None:
+            partitions = range(self.settings.rollup_partitions)
+        return await self.drafts(now or now_utc()), await self.retired(partitions)
 
     async def drafts(self, now: datetime) -> int:
         deleted = 0
         stale = self.db[keys.DRAFTS].find({"created_at": {"$lt": now - ORPHAN_AFTER}})
         async for record in stale.limit(MAX_PER_SWEEP):
-            # with its bucket index: the buckets it names are listed there, not in the head
-            head = await read_head(self.db, record["account_id"], with_index=True)
-            named = named_by(head)
-            docs = [item.partition(" ") for item in record.get("docs", [])]
-            if not any(doc_id in named for _, _, doc_id in docs):
-                for kind, _, doc_id in docs:
-                    found = await self.db[COLLECTIONS[kind]].delete_one({"_id": doc_id})
-                    deleted += found.deleted_count
+            per_account: dict[str, list[tuple[Kind, str]]] = {}
+            for item in record.get("docs", []):
+                kind, doc_id = kind_and_id(item)
+                per_account.setdefault(account_of(doc_id), []).append((kind, doc_id))
+            for account, docs in per_account.items():
+                # with its bucket index: the buckets it names are listed there, not in the head
+                named = named_by(await read_head(self.db, account, with_index=True))
+                if not any(doc_id in named for _, doc_id in docs):
+                    for kind, doc_id in docs:
+                        found = await self.db[COLLECTIONS[kind]].delete_one({"_id": doc_id})
+                        deleted += found.deleted_count
             await self.db[keys.DRAFTS].delete_one({"_id": record["_id"]})
         if deleted:
             metrics.ROLLUP_ORPHANS_DELETED.labels("draft").inc(deleted)
             log.info("deleted %d rollup documents a dead pass left", deleted)
         return deleted
 
-    async def retired(self) -> int:
-        key = keys.rollup_retire(self.settings)
-        due: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
-            key, "-inf", time.time() * 1000, 0, MAX_PER_SWEEP
-        )
+    async def retired(self, partitions: Iterable[int]) -> int:
+        """Retire what the idle accounts of these rollup partitions superseded."""
         deleted = 0
-        for member in due:
-            found = await self.db[keys.HEADS].find_one({"_id": member.decode()})
-            if found is not None:  # still current: the account has not rolled since
-                # (a retired list names only documents this head superseded: never its own)
-                for kind, doc_id in Head.from_document(found).retired:
-                    result = await self.db[COLLECTIONS[kind]].delete_one({"_id": doc_id})
-                    deleted += result.deleted_count
-            await self.redis.zrem(key, member)
+        for partition in partitions:
+            key = keys.rollup_retire(self.settings, partition)
+            now = time.time() * 1000
+            due: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+                key, "-inf", now, 0, MAX_PER_SWEEP
+            )
+            for member in due:
+                # (members were "account|version" before rollup partitions)
+                head = await read_head(self.db, account_of(member.decode()), with_index=True)
+                if head is not None and retire_due(head):  # not rolled since: still current
+                    buckets = set(head.rewritten) | buckets_of(head.retired)
+                    deleted += await retire_superseded(self.db, head, named_by(head), buckets)
+                await self.redis.eval(_UNSCHEDULE, 1, key, member, now)
         if deleted:
             metrics.ROLLUP_ORPHANS_DELETED.labels("retired").inc(deleted)
         return deleted
+
+
+# Drop an account from a retire schedule unless a later rollover scheduled it again.
+# KEYS: schedule; ARGV: member, the time it was due by
+_UNSCHEDULE = """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if due and tonumber(due) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return 1
+"""

@@ -1,0 +1,213 @@
+"""A pass over many accounts at once: what a rollover costs, shared by a batch.
+
+Rolling accounts one by one costs several store round trips each (a draft
+record, an insert per kind of document, the head, the deletes) and a Redis call
+per step; at thousands of accounts a minute those round trips are the pass. Here
+``BATCH`` accounts go together (``Roller.publish``):
+
+1. their heads (kept in memory; the others read a few at once), and before the
+   first batch, the buckets that leave a window at this minute for many accounts
+   at once (one query per bucket start, not one per account: ``prefetch``);
+2. their tails, in pipelined Redis calls;
+3. each account's new documents and head, prepared in memory (an account with
+   nothing to do writes nothing: its schedule is only checked);
+4. one draft record, one ``insert_many`` per kind of document, one of the new
+   heads (compare-and-set, unordered: the duplicate-key errors name the accounts
+   that raced); the losers' documents are discarded and those accounts prepared
+   again from the head that won, once;
+5. in pipelined Redis calls, the head copies, then the tail trims and the
+   accounts' schedules.
+
+Every invariant of a single rollover holds account by account: a head is
+published only by compare-and-set over the one it was prepared from; no head
+names a document that is not written, and no document outlives a head that lost;
+an account's failure fails only that account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson.errors import InvalidDocument
+from pymongo.errors import PyMongoError
+
+from core import keys, metrics
+from core.buckets import (
+    WINDOWS,
+    Packed,
+    Resolution,
+    leaving_resolution,
+    to_datetime,
+    window_start,
+)
+from core.rollup_docs import COLLECTIONS, PROJECTION, Head
+from rollups.rollover import _TRIM, Draft, Roller, next_change
+from rollups.sweep import RETIRE_AFTER_MS, retire_due
+
+log = logging.getLogger(__name__)
+
+BATCH = 500  # accounts written together
+PREPARING_AT_ONCE = 32  # accounts prepared at once (they wait on the store only on a miss)
+PREFETCH_FROM = 16  # accounts needing one bucket start: read by its start, not one by one
+REDIS_CALLS = 2000  # commands per pipelined Redis call
+
+# what fails one account, not the pass: a store error on its documents, a document past
+# MongoDB's 16 MiB (docs/OPERATIONS.md, the limits of one account), a missing document
+ACCOUNT_ERRORS = (PyMongoError, InvalidDocument, LookupError, ValueError)
+
+
+@dataclass
+class Outcome:
+    """What a pass over some accounts did."""
+
+    rolled: int = 0
+    failed: int = 0
+    untouched: int = 0  # due, but nothing to do
+    fenced: bool = False  # a newer holder of the partition wrote: stop
+    stopped: bool = False  # told to stop before every account was done
+    documents: dict[str, int] = field(default_factory=dict)
+
+
+async def roll_accounts(
+    roller: Roller,
+    accounts: Sequence[str],
+    minute: int,
+    keep_going: Callable[[], bool] = lambda: True,
+) -> Outcome:
+    """Roll these accounts to ``minute``, ``BATCH`` at a time; stop between batches once
+    ``keep_going`` says so (a partition lost, or wanted by a backfill)."""
+    out = Outcome()
+    heads = await roller.heads_of(accounts)
+    await prefetch(roller, heads.values(), minute)
+    for start in range(0, len(accounts), BATCH):
+        if not keep_going():
+            out.stopped = True
+            out.failed += len(accounts) - start
+            break
+        some = accounts[start : start + BATCH]
+        await _batch(roller, some, {a: heads[a] for a in some}, minute, out, retry=True)
+        if out.fenced:
+            out.failed += len(accounts) - start - len(some)
+            break
+    return out
+
+
+async def _batch(roller: Roller, accounts: Sequence[str], heads: dict[str, Head], minute: int,
+                 out: Outcome, retry: bool) -> None:  # fmt: skip
+    tails = await roller.read_tail_of(accounts)
+    gate = asyncio.Semaphore(PREPARING_AT_ONCE)
+
+    async def prepare(account: str) -> Draft | None:
+        async with gate:
+            return await roller.prepare(heads[account], tails[account], minute)
+
+    prepared = await asyncio.gather(*(prepare(a) for a in accounts), return_exceptions=True)
+    drafts: list[Draft] = []
+    untouched: list[Head] = []
+    for account, result in zip(accounts, prepared, strict=True):
+        if isinstance(result, ACCOUNT_ERRORS):
+            _failed(out, account, result)
+        elif isinstance(result, BaseException):
+            raise result
+        elif result is None:
+            untouched.append(heads[account])
+        else:
+            drafts.append(result)
+    published = await roller.publish(drafts)
+    out.untouched += len(untouched)
+    out.rolled += len(published.won)
+    for draft in published.won:
+        for kind, written in draft.docs.items():
+            out.documents[kind] = out.documents.get(kind, 0) + len(written)
+    await _after(roller, published.won, untouched)
+    for draft, error in published.failed:
+        _failed(out, draft.new.account_id, error)
+    if published.fenced:
+        out.fenced = True
+        out.failed += len(published.fenced)
+        metrics.ROLLUP_ACCOUNT_FAILURES.labels("fenced").inc(len(published.fenced))
+        log.warning("account %s was rolled under a newer lease of its partition: this "
+                    "process no longer holds it", published.fenced[0].new.account_id)  # fmt: skip
+    raced = [d.new.account_id for d in published.raced]
+    if raced and retry:  # from the heads that won, once
+        again = await roller.heads_of(raced)
+        await _batch(roller, raced, again, minute, out, retry=False)
+    elif raced:
+        out.failed += len(raced)
+        metrics.ROLLUP_ACCOUNT_FAILURES.labels("conflict").inc(len(raced))
+        log.info("%d accounts were rolled by another job twice in a row (%s, ...); retried "
+                 "next run", len(raced), raced[0])  # fmt: skip
+
+
+def _failed(out: Outcome, account: str, error: BaseException) -> None:
+    out.failed += 1
+    metrics.ROLLUP_ACCOUNT_FAILURES.labels(type(error).__name__).inc()
+    # its tail keeps its events: its figures stay exact, and the next pass tries again
+    log.warning("rolling account %s failed: %s", account, error)
+
+
+async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]) -> None:
+    """The tail trims (the head copies are in Redis already) and the schedules."""
+    settings = roller.settings
+    trim = await roller.redis.script_load(_TRIM)
+    retire_at = time.time() * 1000 + RETIRE_AFTER_MS
+    calls: list[tuple[str, tuple[Any, ...]]] = []  # pipeline method, arguments
+
+    def schedule(head: Head) -> None:
+        key = keys.rollup_schedule(settings, roller.partition_of(head.account_id))
+        due = next_change(head)
+        if due is None:
+            calls.append(("zrem", (key, head.account_id)))
+        else:
+            calls.append(("zadd", (key, {head.account_id: due})))
+
+    for draft in won:
+        head = draft.new
+        for trim_keys, trim_args in roller.trim_calls(head.account_id, draft.entries, head):
+            calls.append(("evalsha", (trim, len(trim_keys), *trim_keys, *trim_args)))
+        schedule(head)
+        if retire_due(head):
+            key = keys.rollup_retire(settings, roller.partition_of(head.account_id))
+            calls.append(("zadd", (key, {head.account_id: retire_at})))
+    for head in untouched:
+        schedule(head)
+    for start in range(0, len(calls), REDIS_CALLS):
+        async with roller.redis.pipeline(transaction=False) as pipe:
+            for method, args in calls[start : start + REDIS_CALLS]:
+                getattr(pipe, method)(*args)
+            await pipe.execute()
+
+
+async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
+    """Read the buckets leaving a window at ``minute`` that many of these accounts need
+    and the roller does not keep: one query per bucket start (equality on the indexed
+    ``start``: what retention uses), instead of one read per account. How many were
+    read; the rest are read by the rollover that needs them."""
+    wanted: dict[tuple[Resolution, int], set[str]] = {}
+    for head in heads:
+        if head.minute is None or head.minute >= minute:
+            continue
+        for window in WINDOWS:
+            resolution = leaving_resolution(window)
+            gone_from, gone_to = window_start(window, head.minute), window_start(window, minute)
+            for start in head.buckets(resolution):
+                if gone_from <= start < gone_to:
+                    doc_id = head.bucket_doc_id(resolution, start)
+                    if doc_id is not None and roller.cache.get(doc_id) is None:
+                        wanted.setdefault((resolution, start), set()).add(doc_id)
+    found = 0
+    for (resolution, start), ids in wanted.items():
+        if len(ids) < PREFETCH_FROM:
+            continue
+        cursor = roller.db[COLLECTIONS[resolution]].find({"start": to_datetime(start)},
+                                                         {"_id": 1, **PROJECTION})  # fmt: skip
+        async for doc in cursor:
+            if doc["_id"] in ids:
+                roller.cache.put(doc["_id"], Packed.of(doc).unpack())
+                found += 1
+    return found
