@@ -59,8 +59,21 @@ ROLLUP_ACCOUNTS = Counter("rollup_accounts_rolled_total", "Account rollovers wri
 ROLLUP_DOCUMENTS = Counter("rollup_documents_written_total", "Rollup documents written", ["kind"])
 ROLLUP_SECONDS = Histogram(
     "rollup_pass_seconds",
-    "Time of one rollover pass over the accounts that were due",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    "Time of one rollover pass over the accounts of a rollup partition that were due",
+    ["partition"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 120),
+)
+ROLLUP_PASS_ACCOUNTS = Histogram(
+    "rollup_pass_accounts",
+    "Accounts due in one rollover pass over a rollup partition",
+    ["partition"],
+    buckets=(0, 10, 100, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000, 100_000),
+)
+ROLLUP_PARTITIONS_HELD = Gauge(
+    "rollup_partitions_held",
+    "Rollup partitions whose lease the live rollups processes hold (ROLLUP_PARTITIONS when "
+    "every partition has a holder)",
+    multiprocess_mode="livesum",
 )
 RETENTION_DELETED = Counter(
     "retention_deleted_total", "Documents deleted by retention", ["collection"]

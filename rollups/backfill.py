@@ -6,9 +6,11 @@ difference becomes a signed correction that a rollover applies to the minute
 and hour buckets and every window covering them. Running it again, or over a
 range that is already right, finds no difference and writes nothing.
 
-It runs as the rollup job (it asks for the rollups lease, which the rollups
-process hands over at its next tick, so the job pauses until it is done),
-and compares like with like while the service keeps ingesting:
+It runs as the rollup job (it asks for the leases of the rollup partitions it
+touches: the account's, or all of them; the rollups processes hand them over at
+their next tick, so their passes pause until it is done, and its rollovers write
+under those leases' fencing tokens), and compares like with like while the
+service keeps ingesting:
 
 1. it rolls each account of the hour to the current minute, so the rollups
    hold every event acknowledged until then (``applied``);
@@ -38,7 +40,7 @@ from core.rollup_docs import read_packed
 from core.settings import Settings
 from core.store import Database
 from core.tail import StreamId, parse_entries, parse_id, redis_time_ms
-from rollups.lease import Lease
+from rollups.lease import Leases
 from rollups.rollover import Roller
 
 # raw events younger than retention minus this margin are surely all still there
@@ -107,7 +109,8 @@ class Backfill:
         self.redis = redis
         self.settings = settings
         self.roller = Roller(db, redis, settings)
-        self.lease = Lease(redis, keys.lease(settings), LEASE_SECONDS, "backfill")
+        self.lease = Leases(redis, settings, "backfill", LEASE_SECONDS)
+        self.roller.fence = self.lease.held  # its rollovers write under the leases it takes
         self._snapshot = redis.register_script(_SNAPSHOT)
 
     async def run(
@@ -120,10 +123,13 @@ class Backfill:
         lease_timeout: float = 60.0,
     ) -> Report:
         check_range(self.settings, start, end, datetime.now(UTC))
-        # the rollups process hands the lease over at its next tick (rollups/lease.py)
-        if not await self.lease.take(lease_timeout):
-            raise RangeRefused("another backfill or an erasure holds the rollups lease; try "
-                               "again later")  # fmt: skip
+        # the partitions it touches: the account's, or all of them; their holders hand
+        # them over at their next tick (rollups/lease.py)
+        partitions = ([keys.rollup_partition_of(self.settings, account)] if account
+                      else range(self.settings.rollup_partitions))  # fmt: skip
+        if not await self.lease.take(partitions, lease_timeout):
+            raise RangeRefused("another backfill or an erasure holds the rollup partitions' "
+                               "leases; try again later")  # fmt: skip
         try:
             return await self._run(start, end, account, dry_run, progress)
         finally:
@@ -147,7 +153,7 @@ class Backfill:
                 report.hours_skipped += 1
             else:
                 if not await self.lease.hold():
-                    raise RangeRefused("lost the rollups lease; run the backfill again")
+                    raise RangeRefused("lost a rollup partition's lease; run the backfill again")
                 await self._hour(hour, account, dry_run, report)
                 if not dry_run:
                     await self._checkpoint(cp_id, hour)

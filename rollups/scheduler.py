@@ -1,15 +1,29 @@
-"""The ``rollups`` process: APScheduler jobs under a Redis lease.
+"""The ``rollups`` process: APScheduler jobs over the rollup partitions it holds.
 
+- ``leases`` (every ``ROLLUP_INTERVAL_SECONDS``): the partitions' leases
+  (``rollups/lease.py``): renew them, give back those past this process's share
+  or asked for by a backfill or an erasure, take free ones up to the share.
 - ``roll`` (every ``ROLLUP_INTERVAL_SECONDS``): when a new minute has begun,
-  roll every account that is due to it: those with tail entries (the dirty
-  sets the flushers maintain) and those a bucket is about to leave a window of
-  (a schedule in Redis, scored by that minute). Between minute boundaries it
-  has nothing to do: summaries read the tail meanwhile.
-- ``retention`` (every minute): delete expired raw events and buckets.
+  roll every due account of each partition held to it, in batches
+  (``rollups/batch.py``): those with tail entries (the dirty sets the flushers
+  keep per rollup partition, in each stream partition) and those a bucket is
+  about to leave a window of (a schedule per partition, scored by that minute).
+  Between minute boundaries it has nothing to do: summaries read the tail
+  meanwhile. A partition taken over is rolled at once, from the store's heads.
+- ``retention`` (every minute): the holder of partition 0 deletes expired raw
+  events and buckets and sweeps dead passes' drafts; each process retires what
+  its partitions' idle accounts superseded (``rollups/sweep.py``).
 
 The clock is the Redis server's (TIME), shared with every summary, so a head
-is never ahead of a reader's minute. Only the lease holder works; another
-instance (on another host) takes over when the lease lapses.
+is never ahead of a reader's minute. Several processes, on one or many hosts,
+share the partitions; one that dies has its partitions taken over within the
+lease's TTL, and one that lost a partition without knowing it (paused, cut off)
+cannot publish a head over its successor's (fencing: ``rollups/lease.py``).
+
+Changing ``ROLLUP_PARTITIONS`` moves accounts to other partitions: each pass
+moves an account it finds in a set of its partition that is no longer its own to
+the right one, and the holder of partition 0 drains the sets of the layouts used
+before (the largest count ever used is kept in Redis).
 """
 
 from __future__ import annotations
@@ -18,10 +32,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import PyMongoError
 
@@ -32,16 +46,22 @@ from core.settings import Settings
 from core.store import Database
 from core.tail import redis_time_ms
 from core.worker import Worker, run_worker
-from rollups.lease import Lease
+from rollups.batch import Outcome, roll_accounts
+from rollups.lease import Leases
 from rollups.retention import Retention
-from rollups.rollover import HeadConflict, Roller, next_change
-from rollups.sweep import Sweep, schedule_retired
+from rollups.rollover import Roller
+from rollups.sweep import Sweep
 
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY_SECONDS = 60.0
-CONCURRENT_ACCOUNTS = 4
-RENEW_LEASE_EVERY = 50  # accounts
+
+# Keep the largest ROLLUP_PARTITIONS any process ran with. KEYS: layouts; ARGV: count
+_LAYOUT = """
+local seen = tonumber(redis.call('GET', KEYS[1]) or '0')
+if seen < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) return tonumber(ARGV[1]) end
+return seen
+"""
 
 
 async def ensure_rollup_indexes(db: Database) -> None:
@@ -49,6 +69,8 @@ async def ensure_rollup_indexes(db: Database) -> None:
         await db[name].create_index([("start", ASCENDING)])  # retention
     await db[keys.HOURS].create_index([("account_id", ASCENDING)])  # time series
     await db[keys.HEADS].create_index([("account_id", ASCENDING), ("version", DESCENDING)])
+    for name in (keys.MINUTES, keys.WINDOWS, keys.INDEXES):
+        await db[name].create_index([("account_id", ASCENDING)])  # retiring, by account
 
 
 class RollupsProcess(Worker):
@@ -57,24 +79,30 @@ class RollupsProcess(Worker):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, settings.rollup_timeout_seconds)
         ttl = max(10.0, 5 * settings.rollup_interval_seconds)
-        self.lease = Lease(self.redis, keys.lease(settings), ttl, "rollups")
+        self.leases = Leases(self.redis, settings, "rollups", ttl)
         self.roller = Roller(self.db, self.redis, settings)
+        self.roller.fence = self.leases.held  # the same dict: the tick keeps it current
         self.retention: Retention | None = None
-        self.rolled_minute: int | None = None
-        self.held = False
+        self.rolled: dict[int, int] = {}  # partition -> the minute its last full pass reached
+        self.rolling: set[int] = set()  # partitions a pass is working on
+        self.asked: set[int] = set()  # held partitions a backfill or an erasure asks for
         self.busy = asyncio.Lock()  # one job at a time, and shutdown waits for it
+        self._layouts = self.redis.register_script(_LAYOUT)
 
     async def startup(self) -> None:
         await ensure_rollup_indexes(self.db)
         has_ttl = await store.ensure_event_indexes(self.db, self.settings)
         self.retention = Retention(self.db, self.settings, raw_by_delete=not has_ttl)
+        count = self.settings.rollup_partitions
+        await self._layouts(keys=[keys.rollup_layouts(self.settings)], args=[count])
 
     async def main(self) -> None:
         scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop(), timezone=UTC)
         common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None,
                   "next_run_time": datetime.now(UTC)}  # fmt: skip
-        scheduler.add_job(self.roll, "interval", seconds=self.settings.rollup_interval_seconds,
-                          id="roll", **common)  # fmt: skip
+        every = self.settings.rollup_interval_seconds
+        scheduler.add_job(self.tick, "interval", seconds=every, id="leases", **common)
+        scheduler.add_job(self.roll, "interval", seconds=every, id="roll", **common)
         scheduler.add_job(self.expire, "interval", seconds=RETENTION_EVERY_SECONDS,
                           id="retention", **common)  # fmt: skip
         scheduler.start()
@@ -87,124 +115,197 @@ class RollupsProcess(Worker):
 
     async def shutdown(self) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
-            await self.lease.release()
+            await self.leases.release()  # the others take them at their next tick
+        metrics.ROLLUP_PARTITIONS_HELD.set(0)
 
-    async def _lead(self) -> bool:
-        """Whether this process holds the lease; forget cached heads after a gap.
+    async def tick(self) -> None:
+        """The leases' beat; a partition gained is rolled at once, from the store's heads
+        (its previous holder may have written some since this process last held it)."""
+        if self.stopping.is_set():
+            return
+        try:
+            gained, lost = await self.leases.tick(busy=self.rolling)
+            self.asked = await self.leases.wanted(self.leases.held)
+        except REDIS_ERRORS as exc:
+            log.warning("could not renew the rollup partitions' leases (%s)", exc)
+            return
+        if gained:
+            self.roller.forget_heads(gained)
+            for partition in gained:
+                self.rolled.pop(partition, None)
+        for partition in lost:
+            self.rolled.pop(partition, None)
+        if gained or lost:
+            log.info("holding rollup partitions %s of %d (%d rollups processes)",
+                     sorted(self.leases.held) or "none", self.settings.rollup_partitions,
+                     self.leases.alive)  # fmt: skip
+        metrics.ROLLUP_PARTITIONS_HELD.set(len(self.leases.held))
 
-        A backfill or an erasure that asks for the lease gets it: this process lets go
-        and stays off while it is wanted (``rollups/lease.py``)."""
-        if await self.lease.wanted_elsewhere():
-            if self.held:
-                log.info("handing the rollups lease to a backfill or erasure that asked")
-            await self.lease.release()
-            held = False
-        else:
-            held = await self.lease.hold()
-        if held and not self.held:
-            self.roller.forget_heads()
-            self.rolled_minute = None
-        self.held = held
-        return held
+    def keeps(self, partition: int) -> bool:
+        """Whether a pass over the partition may go on (still held, nobody asks for it)."""
+        return partition in self.leases.held and partition not in self.asked
 
     async def roll(self) -> None:
         async with self.busy:
             try:
-                if self.stopping.is_set() or not await self._lead():
+                if self.stopping.is_set() or not self.leases.held:
                     return
                 minute = floor(redis_time_ms(await self.redis.time()), "minute")
-                if minute == self.rolled_minute:
+                todo = [p for p in sorted(self.leases.held) if self.rolled.get(p) != minute]
+                if not todo:
                     metrics.ROLLUP_RUNS.labels("idle").inc()
                     return
                 started = time.monotonic()
-                rolled, failed = await self.roll_due(minute)
+                rolled, failed = await self._roll_partitions(todo, minute)
             except (PyMongoError, *REDIS_ERRORS) as exc:
                 metrics.ROLLUP_RUNS.labels("error").inc()
                 log.warning("rollover pass failed (%s); the next run redoes it", exc)
                 return
             took = time.monotonic() - started
-            metrics.ROLLUP_SECONDS.observe(took)
             metrics.ROLLUP_RUNS.labels("ok" if not failed else "partial").inc()
-            if not failed:
-                self.rolled_minute = minute
-                await self.redis.set(keys.rollup_progress(self.settings), minute)
             if rolled or failed:
                 log.info("rolled %d accounts to %s in %.2f s (%d failed, retried next run)",
                          rolled, datetime.fromtimestamp(minute / 1000, UTC).strftime("%H:%M"),
                          took, failed)  # fmt: skip
 
-    async def due_accounts(self, minute: int) -> set[str]:
-        due: set[str] = set()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for part in keys.partitions(self.settings):
-                pipe.smembers(part.dirty)
-            pipe.zrangebyscore(keys.rollup_schedule(self.settings), "-inf", minute)
-            replies = await pipe.execute()
-        for reply in replies:
-            due.update(a.decode() for a in reply)
-        return due
-
     async def roll_due(self, minute: int) -> tuple[int, int]:
-        """Roll every due account to ``minute``; (rolled, failed) counts."""
-        accounts = sorted(await self.due_accounts(minute))
-        gate = asyncio.Semaphore(CONCURRENT_ACCOUNTS)
+        """Roll every due account of the partitions this process holds (taking its share
+        first if it holds none) to ``minute``; (rolled, failed) counts."""
+        if not self.leases.held:
+            await self.tick()
+        return await self._roll_partitions(sorted(self.leases.held), minute)
+
+    async def _roll_partitions(self, partitions: Iterable[int], minute: int) -> tuple[int, int]:
         rolled = failed = 0
-
-        async def one(account: str) -> None:
-            nonlocal rolled, failed
-            async with gate:
-                try:
-                    if await self.roll_account(account, minute):
-                        rolled += 1
-                except HeadConflict:
-                    failed += 1
-                    metrics.ROLLUP_ACCOUNT_FAILURES.labels("conflict").inc()
-                    log.info("account %s was rolled by another job; retried next run", account)
-                except (PyMongoError, InvalidDocument, LookupError, ValueError,
-                        *REDIS_ERRORS) as exc:  # fmt: skip
-                    # one account's failure (a store error, or a document past MongoDB's
-                    # 16 MiB: docs/OPERATIONS.md, the limits of one account) never stops
-                    # the others; its tail keeps its events, so its figures stay exact
-                    failed += 1
-                    metrics.ROLLUP_ACCOUNT_FAILURES.labels(type(exc).__name__).inc()
-                    log.warning("rolling account %s failed: %s", account, exc)
-
-        for start in range(0, len(accounts), RENEW_LEASE_EVERY):
-            if not await self._lead():
-                log.warning("lost (or handed over) the rollups lease mid-pass; stopping this "
-                            "pass")  # fmt: skip
-                return rolled, failed + len(accounts) - start
-            await asyncio.gather(*(one(a) for a in accounts[start : start + RENEW_LEASE_EVERY]))
+        for partition in partitions:
+            if not self.keeps(partition):
+                continue
+            outcome = await self.roll_partition(partition, minute)
+            rolled += outcome.rolled
+            failed += outcome.failed
         return rolled, failed
 
-    async def roll_account(self, account: str, minute: int) -> bool:
-        result = await self.roller.roll(account, minute)
-        if result is not None:
-            await schedule_retired(self.redis, self.settings, result.head)
-        head = result.head if result else await self.roller.head(account)
-        schedule = keys.rollup_schedule(self.settings)
-        due = next_change(head)
-        if due is None:
-            await self.redis.zrem(schedule, account)
-        else:
-            await self.redis.zadd(schedule, {account: due})
-        if result is None:
-            return False
-        metrics.ROLLUP_ACCOUNTS.inc()
-        for kind, n in result.documents.items():
+    async def roll_partition(self, partition: int, minute: int) -> Outcome:
+        """One partition's pass: every due account, in batches, while it is ours."""
+        started = time.monotonic()
+        self.rolling.add(partition)
+        try:
+            accounts = await self.due_accounts(partition, minute)
+            outcome = await roll_accounts(self.roller, accounts, minute,
+                                          lambda: self.keeps(partition))  # fmt: skip
+        finally:
+            self.rolling.discard(partition)
+        took = time.monotonic() - started
+        label = str(partition)
+        metrics.ROLLUP_SECONDS.labels(label).observe(took)
+        metrics.ROLLUP_PASS_ACCOUNTS.labels(label).observe(len(accounts))
+        metrics.ROLLUP_ACCOUNTS.inc(outcome.rolled)
+        for kind, n in outcome.documents.items():
             metrics.ROLLUP_DOCUMENTS.labels(kind).inc(n)
-        return True
+        if outcome.fenced or outcome.stopped:
+            log.warning("stopped rolling partition %d: %s", partition,
+                        "another process holds it now" if outcome.fenced
+                        else "given up (lost, or asked for by a backfill or erasure)")  # fmt: skip
+        elif not outcome.failed:
+            self.rolled[partition] = minute
+            await self.redis.set(keys.rollup_progress(self.settings, partition), minute)
+        return outcome
+
+    async def due_accounts(self, partition: int, minute: int) -> list[str]:
+        """The partition's accounts with tail entries, or a bucket leaving a window by
+        ``minute``; any found in its sets that belong to another partition (after a change
+        of ``ROLLUP_PARTITIONS``) are moved to theirs."""
+        s = self.settings
+        parts = keys.partitions(s)
+        dirty = [keys.dirty_set(s, part, partition) for part in parts]
+        schedule = keys.rollup_schedule(s, partition)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in dirty:
+                pipe.smembers(name)
+            pipe.zrangebyscore(schedule, "-inf", minute, withscores=True)
+            replies = await pipe.execute()
+        due: set[str] = set()
+        moves = Moves(s)
+        for part, name, members in zip(parts, dirty, replies, strict=False):
+            for member in members:
+                account = member.decode()
+                if self.roller.partition_of(account) == partition:
+                    due.add(account)
+                else:
+                    moves.dirty(name, part, account)
+        for member, score in replies[-1]:
+            account = member.decode()
+            if self.roller.partition_of(account) == partition:
+                due.add(account)
+            else:
+                moves.scored(schedule, account, score, keys.rollup_schedule)
+        if partition == 0:
+            await self._drain_other_layouts(moves)
+        await moves.apply(self.redis)
+        return sorted(due)
+
+    async def _drain_other_layouts(self, moves: Moves) -> None:
+        """Queue the moves of every member of the sets of the partition counts used before
+        (``ROLLUP_PARTITIONS`` changed) to where it belongs now."""
+        s = self.settings
+        seen = int(await self.redis.get(keys.rollup_layouts(s)) or s.rollup_partitions)
+        for other in keys.other_layout_sets(s, seen):
+            if other.part is not None:  # a dirty set
+                members: set[bytes] = await self.redis.smembers(other.key)  # type: ignore[assignment]
+                for member in members:
+                    moves.dirty(other.key, other.part, member.decode())
+                continue
+            route = keys.rollup_schedule if other.kind == "schedule" else keys.rollup_retire
+            found: list[tuple[bytes, float]] = await self.redis.zrange(  # type: ignore[assignment]
+                other.key, 0, -1, withscores=True
+            )
+            for member, score in found:
+                # (retire members were "account|version" before rollup partitions)
+                name = member.decode()
+                moves.scored(other.key, name.partition("|")[0], score, route, name)
 
     async def expire(self) -> None:
         async with self.busy:
             try:
-                if self.stopping.is_set() or self.retention is None or not await self._lead():
+                if self.stopping.is_set() or self.retention is None or not self.leases.held:
                     return
-                now = redis_time_ms(await self.redis.time())
-                await self.retention.sweep(now)
-                await Sweep(self.db, self.redis, self.settings).run()
+                sweep = Sweep(self.db, self.redis, self.settings)
+                if 0 in self.leases.held:  # one process does what is not per partition
+                    now = redis_time_ms(await self.redis.time())
+                    await self.retention.sweep(now)
+                    await sweep.drafts(datetime.now(UTC))
+                await sweep.retired(sorted(self.leases.held))
             except (PyMongoError, *REDIS_ERRORS) as exc:
                 log.warning("retention sweep failed (%s); the next one goes on", exc)
+
+
+class Moves:
+    """Members of a partition's sets that belong to another partition, and where to."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+
+    def dirty(self, key: str, part: keys.Partition, account: str) -> None:
+        right = keys.account_dirty_set(self.settings, part, account)
+        if right != key:
+            self.calls += [("sadd", (right, account)), ("srem", (key, account))]
+
+    def scored(self, key: str, account: str, score: float, route: Callable[[Settings, int], str],
+               member: str | None = None) -> None:  # fmt: skip
+        right = route(self.settings, keys.rollup_partition_of(self.settings, account))
+        if right != key or (member is not None and member != account):
+            self.calls += [("zadd", (right, {account: score})), ("zrem", (key, member or account))]
+
+    async def apply(self, client: object) -> None:
+        if not self.calls:
+            return
+        moved = len(self.calls) // 2
+        async with client.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+            for method, args in self.calls:
+                getattr(pipe, method)(*args)
+            await pipe.execute()
+        log.info("moved %d accounts to their rollup partitions' sets", moved)
 
 
 def rollups_process(settings: Settings) -> None:

@@ -54,6 +54,7 @@ async def _queue_figures(request: Request) -> dict[str, Live]:
     settings: Settings = request.app.ctx.settings
     redis = request.app.ctx.redis
     parts = keys.partitions(settings)
+    rollup_parts = range(settings.rollup_partitions)
     try:
         async with redis.pipeline(transaction=False) as pipe:
             for part in parts:
@@ -61,7 +62,8 @@ async def _queue_figures(request: Request) -> dict[str, Live]:
                 pipe.xlen(part.stream)
                 pipe.xlen(part.dead)
                 pipe.xpending(part.stream, keys.GROUP)
-                pipe.scard(part.dirty)
+                for rollup_part in rollup_parts:
+                    pipe.scard(keys.dirty_set(settings, part, rollup_part))
             replies = await asyncio.wait_for(pipe.execute(raise_on_error=False), PROBE_TIMEOUT)
     except Exception:
         return {"redis_up": Live("Whether Redis answered this scrape", 0)}
@@ -69,15 +71,17 @@ async def _queue_figures(request: Request) -> dict[str, Live]:
     entries: dict[str, float] = {}
     dead: dict[str, float] = {}
     pending: dict[str, float] = {}
-    dirty: dict[str, float] = {}
+    dirty: dict[str, float] = {str(r): 0.0 for r in rollup_parts}  # by rollup partition
+    each = 4 + len(rollup_parts)
     for i, part in enumerate(parts):
-        d, n, dl, p, dirt = replies[5 * i : 5 * i + 5]
+        d, n, dl, p, *dirt = replies[each * i : each * (i + 1)]
         label = str(part.index)
         depth[label] = _number(d)
         entries[label] = _number(n)
         dead[label] = _number(dl)
         pending[label] = float(p.get("pending", 0)) if isinstance(p, dict) else 0.0
-        dirty[label] = _number(dirt)
+        for rollup_part, count in zip(rollup_parts, dirt, strict=True):
+            dirty[str(rollup_part)] += _number(count)
     return {
         "redis_up": Live("Whether Redis answered this scrape", 1),
         "queue_depth_events": Live("Accepted events not yet stored in MongoDB", depth, "partition"),
@@ -87,7 +91,9 @@ async def _queue_figures(request: Request) -> dict[str, Live]:
         ),
         "dead_letter_entries": Live("Batches parked in the dead-letter stream", dead, "partition"),
         "rollup_dirty_accounts": Live(
-            "Accounts with stored events not yet rolled up", dirty, "partition"
+            "Accounts with stored events not yet rolled up, by rollup partition",
+            dirty,
+            "partition",
         ),
     }
 
@@ -117,19 +123,25 @@ def _process_figures(request: Request) -> dict[str, Live]:
 async def rollup_figures(request: Request) -> dict[str, Live]:
     settings: Settings = request.app.ctx.settings
     redis = request.app.ctx.redis
-    try:  # not pipelined: a cluster pipeline refuses TIME
+    rollup_parts = range(settings.rollup_partitions)
+    try:  # TIME not pipelined: a cluster pipeline refuses it
         now_reply = await redis.time()
-        minute = await redis.get(keys.rollup_progress(settings))
+        async with redis.pipeline(transaction=False) as pipe:
+            for rollup_part in rollup_parts:
+                pipe.get(keys.rollup_progress(settings, rollup_part))
+            minutes = await pipe.execute()
     except REDIS_ERRORS:
         return {}
-    if minute is None:
+    now = redis_time_ms(now_reply)
+    lag = {str(p): (now - int(m)) / 1000 for p, m in zip(rollup_parts, minutes, strict=True) if m}
+    if not lag:
         return {}
-    lag = (redis_time_ms(now_reply) - int(minute)) / 1000
     return {
         "rollup_lag_seconds": Live(
-            "Seconds since the minute the last complete rollover pass rolled to "
-            "(healthy: below 60 + ROLLUP_INTERVAL_SECONDS)",
+            "Seconds since the minute the last complete rollover pass over the rollup "
+            "partition rolled to (healthy: below 60 + ROLLUP_INTERVAL_SECONDS)",
             lag,
+            "partition",
         )
     }
 

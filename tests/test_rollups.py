@@ -18,7 +18,7 @@ from core import keys, tail
 from core.buckets import HOUR, MINUTE, WINDOWS, floor, ms, to_datetime, window_start
 from core.figures import Figures
 from core.rollup_docs import read_head
-from rollups.lease import Lease
+from rollups.lease import Leases, holder
 from rollups.rollover import HeadConflict, Roller, next_change
 from service.snapshot import Raced, Snapshot
 from service.summary import figures_at
@@ -254,23 +254,30 @@ async def test_a_rollover_trims_more_tail_entries_than_lua_unpacks_at_once(
     assert (got.total, got.unique_users) == (10_000, 7)
 
 
-async def test_the_lease_is_held_by_one_at_a_time_extended_released_and_lapses(
+async def test_a_lease_is_held_by_one_at_a_time_extended_released_and_lapses(
     running: Running,
 ) -> None:
-    """rollups/lease.py (redis-py's Lock): a second contender cannot take it while the
-    holder extends it; it can once the holder lets go, or once the holder stops
-    extending and its ttl runs out, and then the old holder cannot extend it."""
-    key = unique("lease")
-    one = Lease(running.redis, key, 0.5, "one")
-    two = Lease(running.redis, key, 0.5, "two")
-    assert await one.hold() and not await two.hold()
+    """rollups/lease.py: a second contender cannot take a partition while its holder
+    renews it; it can once the holder lets go, or once the holder stops renewing and
+    its ttl runs out, and then the old holder cannot renew it. Every taking gets a
+    newer fencing token."""
+    settings = running.settings
+    one = Leases(running.redis, settings, "one", 0.5)
+    two = Leases(running.redis, settings, "two", 0.5)
+    assert await one.take([0], 1) and not await two.take([0], 0)
+    first = one.held[0]
     for _ in range(3):  # extended for longer than the ttl: still one's
         await asyncio.sleep(0.2)
-        assert await one.hold() and not await two.hold()
-    assert (await running.redis.get(key)).decode() == one.token  # says who holds it
+        assert await one.hold() and not await two.take([0], 0)
+    assert holder(await running.redis.get(keys.rollup_lease(settings, 0))) == one.owner
     await one.release()
-    assert await two.hold() and not await one.hold()
-    await eventually(one.hold, 5, 0.05, what="two's lease to lapse")  # two stopped extending
+    assert await two.take([0], 0) and not await one.take([0], 0)
+    assert two.held[0] > first
+    async def one_takes() -> bool:
+        return await one.take([0], 0)
+
+    await eventually(one_takes, 5, 0.05, what="two's lease to lapse")
+    assert one.held[0] > two.held[0]
     assert not await two.hold()  # one took it meanwhile
     await two.release()  # not two's: nothing happens
-    assert (await running.redis.get(key)).decode() == one.token
+    assert holder(await running.redis.get(keys.rollup_lease(settings, 0))) == one.owner

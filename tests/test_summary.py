@@ -409,7 +409,7 @@ def test_rollups_processes_killed_and_running_twice_stay_exact(
         wait_for(drained(backends, account, count), what="all events stored")
     wait_for(lambda: all(len(s.pids_titled("rollups")) == 1 for s in (first, second)),
              20, what="both rollups processes restarted")  # fmt: skip
-    progress = f"{backends.db_name}:rollups:minute"
+    progress = keys.rollup_progress(backends.settings, 0)
     target = floor(ms(datetime.now(UTC)), "minute") + 60_000
     wait_for(lambda: int(backends.redis.get(progress) or 0) >= target, 90, 0.5,
              what="a rollover after the traffic")  # fmt: skip
