@@ -167,28 +167,34 @@ async def read_tails(
     return TailRead(to, entries, head or None)
 
 
-TAILS_PER_CALL = 1000  # accounts' tails per pipelined call of read_many_tails
+TAILS_PER_CALL = 500  # accounts' tails per script call of read_many_tails
+
+# Many tails of one partition (one slot), at most ARGV[1] entries of each.
+_READ_MANY = """
+local out = {}
+for i = 1, #KEYS do out[i] = redis.call('XRANGE', KEYS[i], '-', '+', 'COUNT', ARGV[1]) end
+return out
+"""
 
 
 async def read_many_tails(
     client: Any, parts: Sequence[Partition], accounts: Sequence[str], chunk: int = READ_CHUNK
 ) -> dict[str, list[TailEntry]]:
-    """Many accounts' tails in every partition, in pipelined calls of up to
-    ``TAILS_PER_CALL`` accounts (a tail longer than ``chunk`` entries is read on, a chunk
-    at a time). For a rollover, which needs no clock nor head copy with them: an
-    entry is trimmed only by a rollover whose head applied it."""
+    """Many accounts' tails in every partition: per partition, one script call for up to
+    ``TAILS_PER_CALL`` accounts, pipelined (a tail longer than ``chunk`` entries is read
+    on, a chunk at a time). For a rollover, which needs no clock nor head copy with
+    them: an entry is trimmed only by a rollover whose head applied it."""
     out: dict[str, list[TailEntry]] = {}
     for start in range(0, len(accounts), TAILS_PER_CALL):
         some = accounts[start : start + TAILS_PER_CALL]
         async with client.pipeline(transaction=False) as pipe:
-            for account in some:
-                for part in parts:
-                    pipe.xrange(part.tail(account), "-", "+", count=chunk)
-            replies = iter(await pipe.execute())
+            for part in parts:
+                pipe.eval(_READ_MANY, len(some), *(part.tail(a) for a in some), chunk)
+            replies = [iter(reply) for reply in await pipe.execute()]
         for account in some:
             entries = out[account] = []
-            for part in parts:
-                found = parse_entries(part.index, next(replies))
+            for part, reply in zip(parts, replies, strict=True):
+                found = parse_entries(part.index, next(reply))
                 while len(found) == chunk:  # a long tail: the rest, a chunk at a time
                     entries.extend(found)
                     after = f"({format_id(found[-1].entry_id)}"

@@ -31,7 +31,6 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from bson.errors import InvalidDocument
 from pymongo.errors import PyMongoError
@@ -46,15 +45,16 @@ from core.buckets import (
     window_start,
 )
 from core.rollup_docs import COLLECTIONS, PROJECTION, Head
-from rollups.rollover import _TRIM, Draft, Roller, next_change
+from rollups.rollover import _TRIMS, Draft, Roller, next_change, starts_between
 from rollups.sweep import RETIRE_AFTER_MS, retire_due
 
 log = logging.getLogger(__name__)
 
 BATCH = 500  # accounts written together
+# batches in flight: one is prepared (Python) while another's writes are in the store
+BATCHES_AT_ONCE = 2
 PREPARING_AT_ONCE = 32  # accounts prepared at once (they wait on the store only on a miss)
 PREFETCH_FROM = 16  # accounts needing one bucket start: read by its start, not one by one
-REDIS_CALLS = 2000  # commands per pipelined Redis call
 
 # what fails one account, not the pass: a store error on its documents, a document past
 # MongoDB's 16 MiB (docs/OPERATIONS.md, the limits of one account), a missing document
@@ -83,17 +83,23 @@ async def roll_accounts(
     ``keep_going`` says so (a partition lost, or wanted by a backfill)."""
     out = Outcome()
     heads = await roller.heads_of(accounts)
-    await prefetch(roller, heads.values(), minute)
-    for start in range(0, len(accounts), BATCH):
-        if not keep_going():
-            out.stopped = True
-            out.failed += len(accounts) - start
-            break
-        some = accounts[start : start + BATCH]
-        await _batch(roller, some, {a: heads[a] for a in some}, minute, out, retry=True)
-        if out.fenced:
-            out.failed += len(accounts) - start - len(some)
-            break
+    batches = [accounts[i : i + BATCH] for i in range(0, len(accounts), BATCH)]
+    gate = asyncio.Semaphore(BATCHES_AT_ONCE)
+
+    async def one(some: Sequence[str]) -> None:
+        async with gate:
+            if out.fenced or not keep_going():
+                out.stopped = not out.fenced
+                out.failed += len(some)
+                return
+            await _batch(roller, some, {a: heads[a] for a in some}, minute, out, retry=True)
+
+    try:
+        await prefetch(roller, heads.values(), minute)
+        await asyncio.gather(*(one(b) for b in batches))
+    finally:
+        roller.prefetched.clear()
+        await roller.swept()
     return out
 
 
@@ -152,35 +158,34 @@ def _failed(out: Outcome, account: str, error: BaseException) -> None:
 
 
 async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]) -> None:
-    """The tail trims (the head copies are in Redis already) and the schedules."""
+    """The tail trims (the head copies are in Redis already) and the schedules, in one
+    pipelined call: a script call per stream partition for the trims, a ``ZADD`` (and
+    ``ZREM``) per rollup partition for the schedules."""
     settings = roller.settings
-    trim = await roller.redis.script_load(_TRIM)
+    await roller.redis.script_load(_TRIMS)
     retire_at = time.time() * 1000 + RETIRE_AFTER_MS
-    calls: list[tuple[str, tuple[Any, ...]]] = []  # pipeline method, arguments
-
-    def schedule(head: Head) -> None:
-        key = keys.rollup_schedule(settings, roller.partition_of(head.account_id))
-        due = next_change(head)
-        if due is None:
-            calls.append(("zrem", (key, head.account_id)))
+    due: dict[str, dict[str, float]] = {}  # schedule -> account -> minute
+    done: dict[str, list[str]] = {}  # schedule -> accounts with nothing ahead
+    retire: dict[str, dict[str, float]] = {}  # retire schedule -> account -> when
+    for head in [d.new for d in won] + list(untouched):
+        partition = roller.partition_of(head.account_id)
+        change = next_change(head)
+        key = keys.rollup_schedule(settings, partition)
+        if change is None:
+            done.setdefault(key, []).append(head.account_id)
         else:
-            calls.append(("zadd", (key, {head.account_id: due})))
-
+            due.setdefault(key, {})[head.account_id] = change
     for draft in won:
-        head = draft.new
-        for trim_keys, trim_args in roller.trim_calls(head.account_id, draft.entries, head):
-            calls.append(("evalsha", (trim, len(trim_keys), *trim_keys, *trim_args)))
-        schedule(head)
-        if retire_due(head):
-            key = keys.rollup_retire(settings, roller.partition_of(head.account_id))
-            calls.append(("zadd", (key, {head.account_id: retire_at})))
-    for head in untouched:
-        schedule(head)
-    for start in range(0, len(calls), REDIS_CALLS):
-        async with roller.redis.pipeline(transaction=False) as pipe:
-            for method, args in calls[start : start + REDIS_CALLS]:
-                getattr(pipe, method)(*args)
-            await pipe.execute()
+        if retire_due(draft.new):
+            key = keys.rollup_retire(settings, roller.partition_of(draft.new.account_id))
+            retire.setdefault(key, {})[draft.new.account_id] = retire_at
+    calls = roller.many_trims_calls(won)
+    calls += [("zadd", (key, members)) for key, members in (*due.items(), *retire.items())]
+    calls += [("zrem", (key, *accounts)) for key, accounts in done.items()]
+    async with roller.redis.pipeline(transaction=False) as pipe:
+        for method, args in calls:
+            getattr(pipe, method)(*args)
+        await pipe.execute()
 
 
 async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
@@ -195,11 +200,10 @@ async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
         for window in WINDOWS:
             resolution = leaving_resolution(window)
             gone_from, gone_to = window_start(window, head.minute), window_start(window, minute)
-            for start in head.buckets(resolution):
-                if gone_from <= start < gone_to:
-                    doc_id = head.bucket_doc_id(resolution, start)
-                    if doc_id is not None and roller.cache.get(doc_id) is None:
-                        wanted.setdefault((resolution, start), set()).add(doc_id)
+            for start in starts_between(head.buckets(resolution), gone_from, gone_to, resolution):
+                doc_id = head.bucket_doc_id(resolution, start)
+                if doc_id is not None and roller.cache.get(doc_id) is None:
+                    wanted.setdefault((resolution, start), set()).add(doc_id)
     found = 0
     for (resolution, start), ids in wanted.items():
         if len(ids) < PREFETCH_FROM:
@@ -208,6 +212,6 @@ async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
                                                          {"_id": 1, **PROJECTION})  # fmt: skip
         async for doc in cursor:
             if doc["_id"] in ids:
-                roller.cache.put(doc["_id"], Packed.of(doc).unpack())
+                roller.prefetched[doc["_id"]] = Packed.of(doc).unpack()
                 found += 1
     return found

@@ -24,6 +24,7 @@ same result.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import zlib
@@ -34,7 +35,7 @@ from typing import Any
 import msgspec
 from cachetools import LRUCache
 from pymongo import DeleteOne
-from pymongo.errors import BulkWriteError, WriteError
+from pymongo.errors import BulkWriteError, PyMongoError, WriteError
 
 from core import keys
 from core.buckets import (
@@ -75,11 +76,13 @@ from rollups.sweep import (
 
 log = logging.getLogger(__name__)
 
-CACHE_ENTRIES = 2_000_000  # dict entries of cached documents (~200 MB at most)
+# dict entries of cached documents (~400 MB at most): an account active every minute
+# needs ~60 between two passes (its windows, hour bucket, recent minute buckets)
+CACHE_ENTRIES = 4_000_000
 SERIES_BYTES = 64 * 1024 * 1024  # encoded hour series kept (~2.5 KB for a busy hour)
 READS_AT_ONCE = 16  # store reads in flight while preparing a batch
 SWEEPS_AT_ONCE = 8  # accounts whose superseded documents are deleted at once
-KEEP_HEAD_CALLS = 1000  # head copies per Redis pipeline
+KEEP_HEAD_CALLS = 500  # head copies (or tail trims) per Redis script call
 _encode = msgspec.msgpack.Encoder().encode
 
 # Delete the account's tail entries that were applied and hold nothing at or
@@ -108,6 +111,37 @@ local kept = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if tonumber(ARGV[1]) <= kept then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'h', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# The same for many accounts whose copies share a slot (one stream partition's).
+# KEYS: head copies; ARGV: ttl, then per key: version, copy
+_KEEP_HEADS = """
+for i = 1, #KEYS do
+  local kept = tonumber(redis.call('HGET', KEYS[i], 'v') or '0')
+  if tonumber(ARGV[2 * i]) > kept then
+    redis.call('HSET', KEYS[i], 'v', ARGV[2 * i], 'h', ARGV[2 * i + 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return 1
+"""
+
+# _TRIM for many accounts whose tails share a slot (one stream partition's).
+# KEYS: per account: tail, dirty set; ARGV: per account: account, n, n ids to delete
+_TRIMS = """
+local pos = 1
+for i = 1, #KEYS, 2 do
+  local account, n = ARGV[pos], tonumber(ARGV[pos + 1])
+  for j = pos + 2, pos + 1 + n, 1000 do  -- unpack() refuses more than ~8000 values
+    redis.call('XDEL', KEYS[i], unpack(ARGV, j, math.min(j + 999, pos + 1 + n)))
+  end
+  pos = pos + 2 + n
+  if redis.call('XLEN', KEYS[i]) == 0 then
+    redis.call('DEL', KEYS[i])
+    redis.call('SREM', KEYS[i + 1], account)
+  end
+end
 return 1
 """
 
@@ -200,6 +234,10 @@ class Roller:
         # head of an account whose partition is not here is written under token 0, which
         # a head written under any lease refuses (rollups/lease.py)
         self.fence: dict[int, int] = {}
+        # documents read ahead for the pass in progress (rollups/batch.py ``prefetch``)
+        self.prefetched: dict[str, Counts] = {}
+        self._sweeping: set[asyncio.Future[None]] = set()  # retiring under way
+        self._sweep_gate = asyncio.Semaphore(SWEEPS_AT_ONCE)
         self._trim = redis.register_script(_TRIM)
         self._keep_head = redis.register_script(_KEEP_HEAD)
 
@@ -375,7 +413,7 @@ class Roller:
     async def _counts(self, kind: Kind, doc_id: str | None) -> Counts:
         if doc_id is None:
             return Counts()
-        cached = self.cache.get(doc_id)
+        cached = self.cache.get(doc_id) or self.prefetched.get(doc_id)
         if cached is not None:
             return cached
         packed = await read_packed(self.db, kind, doc_id)
@@ -395,10 +433,10 @@ class Roller:
             if old.minute is not None:
                 resolution = leaving_resolution(window)
                 gone_from, gone_to = window_start(window, old.minute), start
-                for bucket_start in sorted(old.buckets(resolution)):
-                    if gone_from <= bucket_start < gone_to:
-                        doc_id = old.bucket_doc_id(resolution, bucket_start)
-                        leaving.append(await self._counts(resolution, doc_id))
+                for bucket_start in starts_between(old.buckets(resolution), gone_from, gone_to,
+                                                   resolution):  # fmt: skip
+                    doc_id = old.bucket_doc_id(resolution, bucket_start)
+                    leaving.append(await self._counts(resolution, doc_id))
             if not entering and not leaving:
                 continue
             current_id = old.windows.get(window)
@@ -484,6 +522,7 @@ class Roller:
         """Publish one draft (:meth:`publish`); HeadConflict (Fenced) if its head did not
         go in, or the store's refusal."""
         published = await self.publish([draft])
+        await self.swept()
         if published.fenced:
             raise Fenced(draft.new.account_id)
         if published.raced:
@@ -528,7 +567,7 @@ class Roller:
             if owners:
                 written = [doc for d in live for doc in d.docs[kind]]
                 refused.update(await _insert_all(self.db[collection], written, owners))
-        await self._retire([d for i, d in enumerate(live) if i not in refused])
+        sweeping = self._retiring([d for i, d in enumerate(live) if i not in refused])
         trying = [i for i in range(len(live)) if i not in refused]
         heads = [live[i].new.to_document() for i in trying]
         raced = set()
@@ -554,9 +593,19 @@ class Roller:
         await self._keep_heads([d.new for d in out.won])
         for draft in out.won:
             self.heads[draft.new.account_id] = draft.new
+        won = {id(d) for d in out.won}
+        for draft in sweeping:
+            if id(draft) in won:
+                task = asyncio.ensure_future(self._sweep(draft))
+                self._sweeping.add(task)
+                task.add_done_callback(self._sweeping.discard)
         return out
 
-    async def _retire(self, drafts: Sequence[Draft]) -> None:
+    async def swept(self) -> None:
+        """Wait for the retiring the published rollovers started (:meth:`_retiring`)."""
+        await asyncio.gather(*self._sweeping)
+
+    def _retiring(self, drafts: Sequence[Draft]) -> list[Draft]:
         """Retiring, in arrears: what a rollover supersedes (the window aggregates, bucket
         versions and bucket index it replaces, the previous head) is not deleted one
         document at a time (a delete costs the store ~20 inserts) but every
@@ -567,7 +616,13 @@ class Roller:
         account's rest goes with the sweep ``RETIRE_AFTER_MS`` after its last rollover.
         The new head records where this leaves the account (``swept``, ``garbage``,
         ``rewritten``); an account's first head starts it at a point of the cycle of its
-        own (a hash), so that accounts that start together retire in different passes."""
+        own (a hash), so that accounts that start together retire in different passes.
+
+        This decides, before the heads go in; the deletes run once a head is published,
+        beside the rest of the pass (:meth:`swept` waits for them). If they fail (or the
+        process dies first), what they were to delete waits for the account's next
+        retiring, except the older versions of the buckets listed (``rewritten``), which
+        retention deletes (minute buckets after 2 days, hour buckets after 90)."""
         due: list[Draft] = []
         every = self.settings.rollup_sweep_every
         for draft in drafts:
@@ -584,15 +639,17 @@ class Roller:
             else:
                 new.garbage = old.garbage + superseded
                 new.rewritten = sorted(set(old.rewritten) | mine)
-        gate = asyncio.Semaphore(SWEEPS_AT_ONCE)
+        return due
 
-        async def sweep(draft: Draft) -> None:
-            old, new = draft.old, draft.new
-            keep = named_by(old) | named_by(new) | {doc_id for _, doc_id in old.retired}
-            async with gate:
+    async def _sweep(self, draft: Draft) -> None:
+        old, new = draft.old, draft.new
+        keep = named_by(old) | named_by(new) | {doc_id for _, doc_id in old.retired}
+        async with self._sweep_gate:
+            try:
                 await retire_superseded(self.db, old, keep, old.rewritten)
-
-        await asyncio.gather(*(sweep(d) for d in due))
+            except PyMongoError as exc:
+                log.warning("could not retire what account %s superseded (the next retiring "
+                            "does): %s", new.account_id, exc)  # fmt: skip
 
     async def retire_all(self, head: Head) -> int:
         """Delete every document of the account that ``head`` does not name (written for
@@ -601,17 +658,25 @@ class Roller:
         return await retire_superseded(self.db, head, named_by(head), sorted(buckets))
 
     async def _keep_heads(self, heads: Sequence[Head]) -> None:
-        """Keep the new heads' copies in Redis, in pipelined calls."""
+        """Keep the new heads' copies in Redis: one script call per stream partition (the
+        slot of the copies) for up to ``KEEP_HEAD_CALLS`` heads, pipelined."""
         if not heads:
             return
         ttl = self.settings.head_copy_ttl_seconds
-        sha = await self.redis.script_load(_KEEP_HEAD)
-        for start in range(0, len(heads), KEEP_HEAD_CALLS):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for head in heads[start : start + KEEP_HEAD_CALLS]:
-                    pipe.evalsha(sha, 1, keys.head_copy(self.settings, head.account_id),
-                                 head.version, head.copy(), ttl)  # fmt: skip
-                await pipe.execute()
+        groups: dict[str, tuple[list[str], list[Any]]] = {}
+        for head in heads:
+            part = keys.partition_of(self.settings, head.account_id)
+            copies, args = groups.setdefault(part.tag, ([], [ttl]))
+            copies.append(part.head(head.account_id))
+            args += [head.version, head.copy()]
+        sha = await self.redis.script_load(_KEEP_HEADS)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for copies, args in groups.values():
+                for start in range(0, len(copies), KEEP_HEAD_CALLS):
+                    end = start + KEEP_HEAD_CALLS
+                    pipe.evalsha(sha, len(copies[start:end]), *copies[start:end], args[0],
+                                 *args[1 + 2 * start : 1 + 2 * end])  # fmt: skip
+            await pipe.execute()
 
     async def _discard(self, written: Sequence[dict[Kind, list[Document]]]) -> None:
         """Delete documents no head will name (one bulk delete per collection)."""
@@ -639,6 +704,28 @@ class Roller:
         for trim_keys, args in self.trim_calls(account_id, entries, head):
             await self._trim(keys=trim_keys, args=args)
 
+    def many_trims_calls(self, rolled: Sequence[Draft]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The tail trims of many rollovers as pipeline calls (method, arguments): one
+        ``_TRIMS`` script call per stream partition for up to ``KEEP_HEAD_CALLS``
+        accounts (their tails and dirty sets share its slot). Needs ``_TRIMS`` loaded:
+        the first call is its ``SCRIPT LOAD``."""
+        groups: dict[str, list[tuple[list[str], list[str]]]] = {}
+        for draft in rolled:
+            head = draft.new
+            for trim_keys, args in self.trim_calls(head.account_id, draft.entries, head):
+                groups.setdefault(trim_keys[0].partition("}")[0], []).append((trim_keys, args))
+        calls: list[tuple[str, tuple[Any, ...]]] = []
+        sha = _sha1(_TRIMS)
+        for group in groups.values():
+            for start in range(0, len(group), KEEP_HEAD_CALLS):
+                script_keys: list[str] = []
+                script_args: list[str | int] = []
+                for (tail_key, dirty), (account, *ids) in group[start : start + KEEP_HEAD_CALLS]:
+                    script_keys += [tail_key, dirty]
+                    script_args += [account, len(ids), *ids]
+                calls.append(("evalsha", (sha, len(script_keys), *script_keys, *script_args)))
+        return calls
+
 
 async def _insert_all(
     collection: Any, docs: list[Document], owners: Sequence[int]
@@ -659,6 +746,10 @@ async def _insert_all(
         return refused
 
 
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 def _binary_bytes(doc: Document) -> int:
     """Roughly what a rollup document weighs: its packed fields."""
     return sum(len(v) for v in doc.values() if isinstance(v, bytes))
@@ -672,6 +763,32 @@ def _advanced(applied: dict[int, StreamId], entries: list[TailEntry]) -> dict[in
     return out
 
 
+STEPS_BEFORE_SCANNING = 64
+
+
+def starts_between(buckets: dict[int, str], lo: int, hi: int, resolution: Resolution) -> list[int]:
+    """The bucket starts in ``[lo, hi)``, in order: by stepping through the range when it
+    holds fewer steps than there are buckets (a window moving on by a minute, for an
+    account with two days of minute buckets), else by looking at every bucket."""
+    step = MINUTE if resolution == "minute" else HOUR
+    first = -(-lo // step) * step
+    if (hi - first) // step < len(buckets):
+        return [s for s in range(first, hi, step) if s in buckets]
+    return sorted(s for s in buckets if lo <= s < hi)
+
+
+def first_from(buckets: dict[int, str], lo: int, resolution: Resolution) -> int | None:
+    """The first bucket start at or after ``lo``: a few steps, then every bucket."""
+    step = MINUTE if resolution == "minute" else HOUR
+    first = -(-lo // step) * step
+    if len(buckets) > STEPS_BEFORE_SCANNING:
+        for s in range(first, first + STEPS_BEFORE_SCANNING * step, step):
+            if s in buckets:
+                return s
+    inside = [b for b in buckets if b >= lo]
+    return min(inside) if inside else None
+
+
 def next_change(head: Head) -> int | None:
     """The first minute at which a bucket of this account leaves one of its windows."""
     if head.minute is None:
@@ -680,10 +797,9 @@ def next_change(head: Head) -> int | None:
     for window, length in WINDOWS.items():
         start = window_start(window, head.minute)
         resolution = leaving_resolution(window)
-        inside = [b for b in head.buckets(resolution) if b >= start]
-        if not inside:
+        first = first_from(head.buckets(resolution), start, resolution)
+        if first is None:
             continue
-        first = min(inside)
         # it leaves once the window starts after it
         due.append(first + MINUTE + length if resolution == "minute" else first + HOUR + length)
     return min(due) if due else None

@@ -86,8 +86,12 @@ class RollupsProcess(Worker):
         self.rolled: dict[int, int] = {}  # partition -> the minute its last full pass reached
         self.rolling: set[int] = set()  # partitions a pass is working on
         self.asked: set[int] = set()  # held partitions a backfill or an erasure asks for
-        self.busy = asyncio.Lock()  # one job at a time, and shutdown waits for it
+        self.busy = asyncio.Lock()  # one pass at a time, and shutdown waits for it
+        # retention and sweeps: beside the passes (they never touch what a rollover
+        # writes or needs), one at a time; shutdown waits for it too
+        self.sweeping = asyncio.Lock()
         self._layouts = self.redis.register_script(_LAYOUT)
+        self._pass: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
         await ensure_rollup_indexes(self.db)
@@ -102,7 +106,7 @@ class RollupsProcess(Worker):
                   "next_run_time": datetime.now(UTC)}  # fmt: skip
         every = self.settings.rollup_interval_seconds
         scheduler.add_job(self.tick, "interval", seconds=every, id="leases", **common)
-        scheduler.add_job(self.roll, "interval", seconds=every, id="roll", **common)
+        scheduler.add_job(self._start_pass, "interval", seconds=every, id="roll", **common)
         scheduler.add_job(self.expire, "interval", seconds=RETENTION_EVERY_SECONDS,
                           id="retention", **common)  # fmt: skip
         scheduler.start()
@@ -110,7 +114,9 @@ class RollupsProcess(Worker):
             await self.stopping.wait()
         finally:
             scheduler.shutdown(wait=False)
-            async with self.busy:  # let a job in progress finish (within the grace)
+            if self._pass is not None:  # let a pass in progress finish (within the grace)
+                await asyncio.gather(self._pass, return_exceptions=True)
+            async with self.busy, self.sweeping:
                 pass
 
     async def shutdown(self) -> None:
@@ -140,6 +146,12 @@ class RollupsProcess(Worker):
                      sorted(self.leases.held) or "none", self.settings.rollup_partitions,
                      self.leases.alive)  # fmt: skip
         metrics.ROLLUP_PARTITIONS_HELD.set(len(self.leases.held))
+
+    async def _start_pass(self) -> None:
+        """Start a pass unless one is running: a pass may take longer than the interval
+        (the job returns at once, so the scheduler never has to skip one)."""
+        if self._pass is None or self._pass.done():
+            self._pass = asyncio.create_task(self.roll())
 
     def keeps(self, partition: int) -> bool:
         """Whether a pass over the partition may go on (still held, nobody asks for it)."""
@@ -265,7 +277,7 @@ class RollupsProcess(Worker):
                 moves.scored(other.key, name.partition("|")[0], score, route, name)
 
     async def expire(self) -> None:
-        async with self.busy:
+        async with self.sweeping:
             try:
                 if self.stopping.is_set() or self.retention is None or not self.leases.held:
                     return

@@ -34,6 +34,7 @@ the reference included (documents are never named again once superseded).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 ORPHAN_AFTER = timedelta(minutes=10)  # far longer than any pass (ROLLUP_TIMEOUT_SECONDS)
 RETIRE_AFTER_MS = 10 * 60_000  # a reader of the head before it has long finished
 MAX_PER_SWEEP = 1000  # bounded work per call; the next sweep goes on
+RETIRED_SECONDS = 20.0  # at most this long retiring idle accounts per call
+RETIRING_AT_ONCE = 4
 GARBAGE_BYTES = 8 * 1024 * 1024  # superseded this much: retire at the next rollover
 
 
@@ -167,22 +170,35 @@ class Sweep:
             log.info("deleted %d rollup documents a dead pass left", deleted)
         return deleted
 
-    async def retired(self, partitions: Iterable[int]) -> int:
-        """Retire what the idle accounts of these rollup partitions superseded."""
+    async def retired(self, partitions: Iterable[int], seconds: float = RETIRED_SECONDS) -> int:
+        """Retire what the idle accounts of these rollup partitions superseded (a few at
+        once, for about ``seconds`` at most: the next sweep goes on)."""
         deleted = 0
+        deadline = time.monotonic() + seconds
+        gate = asyncio.Semaphore(RETIRING_AT_ONCE)
+
+        async def retire(key: str, member: bytes, due_by: float) -> int:
+            async with gate:
+                if time.monotonic() > deadline:
+                    return 0
+                # (members were "account|version" before rollup partitions)
+                head = await read_head(self.db, account_of(member.decode()), with_index=True)
+                gone = 0
+                if head is not None and retire_due(head):  # not rolled since: still current
+                    buckets = set(head.rewritten) | buckets_of(head.retired)
+                    gone = await retire_superseded(self.db, head, named_by(head), buckets)
+                await self.redis.eval(_UNSCHEDULE, 1, key, member, due_by)
+                return gone
+
         for partition in partitions:
             key = keys.rollup_retire(self.settings, partition)
             now = time.time() * 1000
             due: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
                 key, "-inf", now, 0, MAX_PER_SWEEP
             )
-            for member in due:
-                # (members were "account|version" before rollup partitions)
-                head = await read_head(self.db, account_of(member.decode()), with_index=True)
-                if head is not None and retire_due(head):  # not rolled since: still current
-                    buckets = set(head.rewritten) | buckets_of(head.retired)
-                    deleted += await retire_superseded(self.db, head, named_by(head), buckets)
-                await self.redis.eval(_UNSCHEDULE, 1, key, member, now)
+            deleted += sum(await asyncio.gather(*(retire(key, m, now) for m in due)))
+            if time.monotonic() > deadline:
+                break
         if deleted:
             metrics.ROLLUP_ORPHANS_DELETED.labels("retired").inc(deleted)
         return deleted

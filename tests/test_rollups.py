@@ -273,6 +273,7 @@ async def test_a_lease_is_held_by_one_at_a_time_extended_released_and_lapses(
     await one.release()
     assert await two.take([0], 0) and not await one.take([0], 0)
     assert two.held[0] > first
+
     async def one_takes() -> bool:
         return await one.take([0], 0)
 
