@@ -146,3 +146,8 @@ def erasure_dropped(settings: Settings) -> str:
 def rollup_retire(settings: Settings) -> str:
     """Heads whose retired documents are due for deletion (rollups/sweep.py), by time."""
     return f"{settings.mongo_db}:rollups:retire"
+
+
+def rollup_schedule_kept(settings: Settings) -> str:
+    """Set once the schedule is built: its absence means Redis lost the schedule."""
+    return f"{settings.mongo_db}:rollups:schedule-kept"

@@ -257,7 +257,7 @@ class Roller:
         old = await self.head(account_id)
         entries = await self.read_tail(account_id)
         new = Head(account_id, version=old.version + 1,
-                   minute=minute if old.minute is None else max(minute, old.minute),
+                   minute=minute if old.minute is None else max(minute, int(old.minute)),
                    applied=_advanced(old.applied, entries), erased=old.erased + 1,
                    erasure=erasure)  # fmt: skip
         try:

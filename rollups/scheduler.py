@@ -5,7 +5,8 @@
   sets the flushers maintain) and those a bucket is about to leave a window of
   (a schedule in Redis, scored by that minute). Between minute boundaries it
   has nothing to do: summaries read the tail meanwhile.
-- ``retention`` (every minute): delete expired raw events and buckets.
+- ``retention`` (every minute): delete expired raw events and buckets, and the
+  tombstones of finished erasures nothing queued can match any more.
 
 The clock is the Redis server's (TIME), shared with every summary, so a head
 is never ahead of a reader's minute. Only the lease holder works; another
@@ -28,11 +29,13 @@ from pymongo.errors import PyMongoError
 from core import keys, metrics, store
 from core.buckets import floor
 from core.connections import REDIS_ERRORS
+from core.erasure import prune_tombstones
 from core.settings import Settings
 from core.store import Database
 from core.tail import redis_time_ms
 from core.worker import Worker, run_worker
 from rollups.lease import Lease
+from rollups.reschedule import reschedule_if_lost
 from rollups.retention import Retention
 from rollups.rollover import HeadConflict, Roller, next_change
 from rollups.sweep import Sweep, schedule_retired
@@ -113,6 +116,7 @@ class RollupsProcess(Worker):
                 if self.stopping.is_set() or not await self._lead():
                     return
                 minute = floor(redis_time_ms(await self.redis.time()), "minute")
+                await reschedule_if_lost(self.db, self.redis, self.settings)
                 if minute == self.rolled_minute:
                     metrics.ROLLUP_RUNS.labels("idle").inc()
                     return
@@ -203,6 +207,8 @@ class RollupsProcess(Worker):
                 now = redis_time_ms(await self.redis.time())
                 await self.retention.sweep(now)
                 await Sweep(self.db, self.redis, self.settings).run()
+                # finished erasures' tombstones the queue has moved past (core/erasure.py)
+                await prune_tombstones(self.db, self.redis, self.settings)
             except (PyMongoError, *REDIS_ERRORS) as exc:
                 log.warning("retention sweep failed (%s); the next one goes on", exc)
 
