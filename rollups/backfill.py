@@ -48,7 +48,6 @@ from rollups.rollover import Roller
 
 # raw events younger than retention minus this margin are surely all still there
 RAW_SAFETY_MARGIN = 2 * HOUR
-LEASE_SECONDS = 60.0
 
 # KEYS: stream, then tail keys; ARGV: group
 # returns {pending ids}, last delivered id, last generated id, the clock, then the
@@ -118,7 +117,8 @@ class Backfill:
         self.redis = redis
         self.settings = settings
         self.roller = Roller(db, redis, settings)
-        self.lease = Lease(redis, keys.lease(settings), LEASE_SECONDS, "backfill")
+        self.lease = Lease(redis, keys.lease(settings), settings.maintenance_lease_seconds,
+                           "backfill")  # fmt: skip
         self._snapshot = redis.register_script(_SNAPSHOT)
 
     async def run(

@@ -63,7 +63,6 @@ from rollups.rollover import HeadConflict, Roller
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 60.0
 CONFLICTS = 5  # a rollover that raced this one (a stale rollups job): start the step again
 DRAIN_POLL_SECONDS = 0.1
 DELETES_AT_ONCE = 8
@@ -87,7 +86,8 @@ class Eraser:
         self.by = by
         self.progress = progress
         self.roller = Roller(db, redis, settings)
-        self.lease = Lease(redis, keys.lease(settings), LEASE_SECONDS, "erasure")
+        self.lease = Lease(redis, keys.lease(settings), settings.maintenance_lease_seconds,
+                           "erasure")  # fmt: skip
 
     async def erase(self, scope: Scope) -> Job:
         """Run (or resume) the scope's erasure to its end; the job, done."""
@@ -124,7 +124,8 @@ class Eraser:
     async def _hold(self) -> None:
         if not await self.lease.hold():
             raise ErasureError("lost the rollups lease (a step took longer than its "
-                               f"{LEASE_SECONDS:.0f} s); run the erasure again")  # fmt: skip
+                               f"{self.settings.maintenance_lease_seconds:.0f} s); run the "
+                               "erasure again")  # fmt: skip
 
     async def _step(self, job: Job, step: str) -> None:
         await self._hold()

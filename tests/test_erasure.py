@@ -413,7 +413,8 @@ def test_an_eraser_killed_midway_finishes_exactly_when_run_again(
     wait_for(drained(backends, account, len(events)), 60, what="stored")
     command = [sys.executable, "-m", "scripts.erase", "user", "--account", account, "--user",
                "victim"]  # fmt: skip
-    env = cli_env(backends, ERASURE_LEASE_SECONDS="150")  # the killed one's lease must lapse
+    # the killed one's lease must lapse (within 5 s) before the second takes it
+    env = cli_env(backends, ERASURE_LEASE_SECONDS="60", MAINTENANCE_LEASE_SECONDS="5")
     first = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
 
