@@ -235,3 +235,8 @@ def rollup_retire(settings: Settings, rollup_partition: int) -> str:
     if settings.rollup_partitions == 1:
         return f"{settings.mongo_db}:rollups:retire"
     return f"{{{settings.mongo_db}:rollups:{rollup_partition}}}:retire"
+
+
+def rollup_schedule_kept(settings: Settings) -> str:
+    """Set once the schedules are built: its absence means Redis lost them."""
+    return f"{settings.mongo_db}:rollups:schedule-kept"

@@ -142,6 +142,9 @@ class Settings:
     erasure_wait_seconds: float = 30.0
     erasure_drain_seconds: float = 120.0
     erasure_lease_seconds: float = 60.0
+    # how long a backfill's or erasure's hold on the rollups lease lasts unrenewed: a
+    # killed one's is taken over this long after it died
+    maintenance_lease_seconds: float = 60.0
 
     @property
     def metrics_dir(self) -> Path:
@@ -303,6 +306,7 @@ POSITIVE = (
     "summary_timeout_seconds",
     "watchdog_interval_seconds",
     "keys_refresh_seconds",
+    "maintenance_lease_seconds",
     "head_copy_ttl_seconds",
     "rollup_heads_kept",
     "stream_max_clients",

@@ -20,6 +20,11 @@ service keeps ingesting:
 3. it reads the raw events of the hour, leaving out those of entries pending
    or not yet delivered at the snapshot (not acknowledged yet: the tail will
    bring them); the rest must equal buckets + the snapshot's tail events.
+   "Not yet delivered" is an entry id between the group's last delivered one and
+   the stream's last generated one at the snapshot, or any id the stream made
+   after it (the snapshot's Redis clock): ids of a stream that no longer exists
+   (Redis lost, or restored from an older copy) are neither, so their events are
+   counted, as they must be, and never taken for the queue's.
 
 It refuses any range whose raw events may already have expired: recounting
 there would replace good buckets with partial counts. It checkpoints each
@@ -45,10 +50,10 @@ from rollups.rollover import Roller
 
 # raw events younger than retention minus this margin are surely all still there
 RAW_SAFETY_MARGIN = 2 * HOUR
-LEASE_SECONDS = 60.0
 
 # KEYS: stream, then tail keys; ARGV: group
-# returns {pending ids}, last delivered id, then the XRANGE of each tail key
+# returns {pending ids}, last delivered id, last generated id, the clock, then the
+# XRANGE of each tail key
 _SNAPSHOT = """
 local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000000)
 local ids = {}
@@ -59,8 +64,13 @@ for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
   if info['name'] == ARGV[1] then delivered = info['last-delivered-id'] end
 end
-local out = {ids, delivered}
-for i = 2, #KEYS do out[i + 1] = redis.call('XRANGE', KEYS[i], '-', '+') end
+local stream = redis.call('XINFO', 'STREAM', KEYS[1])
+local generated = '0-0'
+for i = 1, #stream, 2 do
+  if stream[i] == 'last-generated-id' then generated = stream[i + 1] end
+end
+local out = {ids, delivered, generated, redis.call('TIME')}
+for i = 2, #KEYS do out[i + 3] = redis.call('XRANGE', KEYS[i], '-', '+') end
 return out
 """
 
@@ -109,7 +119,7 @@ class Backfill:
         self.redis = redis
         self.settings = settings
         self.roller = Roller(db, redis, settings)
-        self.lease = Leases(redis, settings, "backfill", LEASE_SECONDS)
+        self.lease = Leases(redis, settings, "backfill", settings.maintenance_lease_seconds)
         self.roller.fence = self.lease.held  # its rollovers write under the leases it takes
         self._snapshot = redis.register_script(_SNAPSHOT)
 
@@ -207,6 +217,8 @@ class Backfill:
         """Which batches are not acknowledged yet, and each account's unapplied tail events."""
         pending: set[str] = set()
         delivered: dict[int, StreamId] = {}
+        generated: dict[int, StreamId] = {}
+        clocks: dict[int, int] = {}  # each partition's own Redis clock (a cluster has several)
         tails: dict[str, dict[int, Counts]] = defaultdict(dict)
         for part in keys.partitions(self.settings):
             reply = await self._snapshot(
@@ -214,7 +226,9 @@ class Backfill:
             )
             pending.update(f"{part.index}:{i.decode()}" for i in reply[0])
             delivered[part.index] = parse_id(reply[1])
-            for account, entries in zip(accounts, reply[2:], strict=True):
+            generated[part.index] = parse_id(reply[2])
+            clocks[part.index] = redis_time_ms(reply[3])
+            for account, entries in zip(accounts, reply[4:], strict=True):
                 head = await self.roller.head(account)
                 for entry in parse_entries(part.index, entries):
                     if entry.entry_id <= head.applied_id(part.index):
@@ -231,7 +245,9 @@ class Backfill:
             partition, _, entry_id = batch.partition(":")
             if not partition.isdigit() or not entry_id:
                 return False  # not from a stream (restored or imported): raw is the truth
-            return parse_id(entry_id) > delivered.get(int(partition), (0, 0))
+            stream_id, index = parse_id(entry_id), int(partition)
+            queued = delivered.get(index, (0, 0)) < stream_id <= generated.get(index, (0, 0))
+            return queued or stream_id[0] >= clocks.get(index, 2**63)  # made after the snapshot
 
         return excluded, tails
 

@@ -380,7 +380,7 @@ class Roller:
         old = await self.head(account_id)
         entries = await self.read_tail(account_id)
         new = Head(account_id, version=old.version + 1,
-                   minute=minute if old.minute is None else max(minute, old.minute),
+                   minute=minute if old.minute is None else max(minute, int(old.minute)),
                    applied=_advanced(old.applied, entries), erased=old.erased + 1,
                    erasure=erasure, swept=old.swept, garbage=old.garbage,
                    rewritten=list(old.rewritten))  # fmt: skip
@@ -544,7 +544,8 @@ class Roller:
         token than this roller's is refused before anything is written; one that
         loses the race, or whose documents the store refused, has its documents
         deleted again, so no head ever names them. The winners' heads are copied to
-        Redis; retiring (what they superseded) happens on the way (:meth:`_retire`)."""
+        Redis; retiring (what they superseded) is decided on the way (:meth:`_retiring`)
+        and runs after, beside the pass (:meth:`swept`)."""
         out = Published()
         live: list[Draft] = []
         for draft in drafts:

@@ -11,7 +11,8 @@
   Between minute boundaries it has nothing to do: summaries read the tail
   meanwhile. A partition taken over is rolled at once, from the store's heads.
 - ``retention`` (every minute): the holder of partition 0 deletes expired raw
-  events and buckets and sweeps dead passes' drafts; each process retires what
+  events and buckets, sweeps dead passes' drafts and deletes the tombstones of
+  finished erasures nothing queued can match any more; each process retires what
   its partitions' idle accounts superseded (``rollups/sweep.py``).
 
 The clock is the Redis server's (TIME), shared with every summary, so a head
@@ -42,12 +43,14 @@ from pymongo.errors import PyMongoError
 from core import keys, metrics, store
 from core.buckets import floor
 from core.connections import REDIS_ERRORS
+from core.erasure import prune_tombstones
 from core.settings import Settings
 from core.store import Database
 from core.tail import redis_time_ms
 from core.worker import Worker, run_worker
 from rollups.batch import Outcome, roll_accounts
 from rollups.lease import Leases
+from rollups.reschedule import reschedule_if_lost
 from rollups.retention import Retention
 from rollups.rollover import Roller
 from rollups.sweep import Sweep
@@ -163,6 +166,8 @@ class RollupsProcess(Worker):
                 if self.stopping.is_set() or not self.leases.held:
                     return
                 minute = floor(redis_time_ms(await self.redis.time()), "minute")
+                if 0 in self.leases.held:  # one process does what is not per partition
+                    await reschedule_if_lost(self.db, self.redis, self.settings)
                 todo = [p for p in sorted(self.leases.held) if self.rolled.get(p) != minute]
                 if not todo:
                     metrics.ROLLUP_RUNS.labels("idle").inc()
@@ -286,6 +291,8 @@ class RollupsProcess(Worker):
                     now = redis_time_ms(await self.redis.time())
                     await self.retention.sweep(now)
                     await sweep.drafts(datetime.now(UTC))
+                    # finished erasures' tombstones the queue has moved past (core/erasure.py)
+                    await prune_tombstones(self.db, self.redis, self.settings)
                 await sweep.retired(sorted(self.leases.held))
             except (PyMongoError, *REDIS_ERRORS) as exc:
                 log.warning("retention sweep failed (%s); the next one goes on", exc)

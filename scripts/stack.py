@@ -450,7 +450,9 @@ class PostgresServer(Server):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             return  # no lock, or its process is gone: PostgreSQL handles that itself
-        if str(self.cluster).encode() in cmdline and _alive(pid):
+        if not _alive(pid):
+            return  # a zombie: dead, only not collected yet (PostgreSQL handles it too)
+        if str(self.cluster).encode() in cmdline:
             log(f"stopping the PostgreSQL server an earlier start left running (pid {pid})")
             stop_process(pid, self.stop_signal)
         elif pid != os.getpid():

@@ -89,19 +89,32 @@ async def fresh_answer(answers: AnswerCache, key: str, body: bytes, reads: Reads
 
 
 class SingleFlight:
-    """Identical computations asked for concurrently in one worker share one run."""
+    """Identical computations asked for concurrently in one worker share one run.
+
+    A request that joins a run may have arrived after that run read its snapshot;
+    ``stale`` (if given) says whether the shared result may not be served to it (an
+    erasure finished meanwhile: ``service/snapshot.py`` ``head_moved``), and then it
+    computes afresh."""
 
     def __init__(self) -> None:
         self._running: dict[str, asyncio.Future[Any]] = {}
 
-    async def run(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+    async def run(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[T]],
+        stale: Callable[[T], Awaitable[bool]] | None = None,
+    ) -> T:
+        # a finished run is always gone from ``_running`` before its joiners resume
         while (running := self._running.get(key)) is not None:
             try:
-                return cast(T, await asyncio.shield(running))
+                joined = cast(T, await asyncio.shield(running))
             except asyncio.CancelledError:
                 if not running.cancelled():
                     raise  # this request itself was cancelled
-                # the leader went away mid-way: take over (or join the next one)
+                continue  # the leader went away mid-way: take over (or join the next one)
+            if stale is None or not await stale(joined):
+                return joined
         shared: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._running[key] = shared
         try:

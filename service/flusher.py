@@ -15,6 +15,13 @@ have stored some of them on an earlier attempt, so its events are read back by
 their ``batch`` field instead. Either way an event is counted by the one entry
 that stored it, and an entry another flusher has claimed meanwhile is not
 acknowledged (nor counted) here.
+
+Erasures: each flush first reads the erasure tombstones (``core/erasure.py``;
+one HGET of their version, the hash only when it moved), after its entries were
+delivered, so an entry delivered after a tombstone was set is checked against
+it. An event a tombstone matches is not inserted; one an earlier attempt stored
+is deleted when the entry is read back; neither is counted, shown on /stream, or
+kept in a dead letter.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import TypeVar
@@ -37,7 +44,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from core import keys, metrics, store, tail
 from core.buckets import ms
 from core.connections import REDIS_ERRORS
-from core.events import decode_events, to_document
+from core.erasure import Matcher, TombstoneReader, queued_ms
+from core.events import decode_events, encode_events, storage_id, to_document
 from core.settings import Settings
 from core.store import Document
 from core.worker import Worker, run_worker
@@ -72,6 +80,7 @@ class Batch:
 
     entry: Entry
     docs: list[Document]
+    erasures: Matcher = field(default_factory=Matcher)  # the tombstones it was checked against
 
 
 def consumer_name(settings_instance: str, slot: int) -> str:
@@ -93,6 +102,7 @@ class Flusher(Worker):
         # a restarted flusher (or another that claims the entry) starts counting again
         self._failures: dict[str, tuple[int, int]] = {}
         self.live = Publisher(self.redis, settings)
+        self.erasures = TombstoneReader(self.redis, settings)
         self._last_claim = 0.0
         self._entry_size = 100.0  # events per stream entry, a running average
         # partitions whose Redis node is unreachable: left alone until then, so a
@@ -205,6 +215,9 @@ class Flusher(Worker):
         batches: list[Batch] = []
         undecodable: list[Retirement] = []
         now = datetime.now(UTC)
+        # read after the entries were delivered: see the module docstring
+        erasures = await self._retry("read erasure tombstones", self.erasures.current)
+        dropped: dict[str, int] = {}
         for entry in entries:
             try:
                 events = decode_events(entry.body)
@@ -213,7 +226,12 @@ class Flusher(Worker):
                 undecodable.append(Retirement(entry, dead_reason=f"undecodable entry: {exc}",
                                               failure=Failure(1, at, at)))  # fmt: skip
                 continue
-            batches.append(Batch(entry, [to_document(e, entry.batch_id, now) for e in events]))
+            docs = [to_document(e, entry.batch_id, now) for e in events]
+            if erasures:
+                docs = _not_erased(erasures, entry, docs, dropped)
+            batches.append(Batch(entry, docs, erasures))
+        if dropped:
+            await self._count_dropped(dropped)
         if undecodable:
             await self._retire(consumer, undecodable)
         if not batches:
@@ -254,6 +272,8 @@ class Flusher(Worker):
                 stored = [d for i, d in enumerate(batch.docs, offset) if i in new]
             else:
                 stored = await self._retry("read back", partial(self._read_back, batch.entry))
+                if batch.erasures:  # stored by an attempt made before an erasure began
+                    stored = await self._erase_stored(batch, stored)
             retirements.append(Retirement(batch.entry, tails_of(stored)))
             counted.append(stored)
             offset += len(batch.docs)
@@ -274,6 +294,29 @@ class Flusher(Worker):
             await self.live.publish(docs)
         except REDIS_ERRORS as exc:  # a watcher misses them; nothing else does
             log.debug("could not publish stored events to /stream watchers: %s", exc)
+
+    async def _erase_stored(self, batch: Batch, stored: list[Document]) -> list[Document]:
+        """Delete what an erasure's tombstone matches of the events an earlier attempt at
+        this entry stored (uncounted: the entry was never acknowledged); the rest. (They
+        were counted as kept out when the entry's events were checked.)"""
+        dropped: dict[str, int] = {}
+        kept = _not_erased(batch.erasures, batch.entry, stored, dropped)
+        if dropped:
+            kept_ids = {(d["account_id"], d["event_id"]) for d in kept}
+            gone = [storage_id(d["account_id"], d["event_id"]) for d in stored
+                    if (d["account_id"], d["event_id"]) not in kept_ids]  # fmt: skip
+            events = store.events(self.db)
+            for doc_id in gone:  # by _id equality: what FerretDB serves from an index
+                await self._retry("delete an erased event",
+                                  partial(events.delete_one, {"_id": doc_id}))  # fmt: skip
+        return kept
+
+    async def _count_dropped(self, per_run: dict[str, int]) -> None:
+        metrics.ERASED_QUEUED.inc(sum(per_run.values()))
+        try:
+            await self.erasures.count_dropped(per_run)
+        except REDIS_ERRORS as exc:  # a figure in the erasure's report; nothing else
+            log.debug("could not count events kept out by erasures: %s", exc)
 
     async def _insert(self, docs: list[Document]) -> set[int]:
         try:
@@ -320,9 +363,12 @@ class Flusher(Worker):
             return
         # whatever of it did get stored still counts: read it back
         stored = await self._retry("read back", lambda: self._read_back(batch.entry))
+        if batch.erasures:
+            stored = await self._erase_stored(batch, stored)
         accounts = ",".join(sorted({d["account_id"] for d in batch.docs}))
         failure = Failure(attempts, first, now, accounts)
-        await self._retire(consumer, [Retirement(batch.entry, tails_of(stored), reason, failure)])
+        entry = _dead_letter_body(batch)  # a replay must not bring erased events back
+        await self._retire(consumer, [Retirement(entry, tails_of(stored), reason, failure)])
         self._failures.pop(key, None)
 
     async def _retry(self, what: str, action: Callable[[], Awaitable[T]]) -> T:
@@ -350,6 +396,34 @@ class Flusher(Worker):
             log.warning("%s failed (%s); retrying in %.1fs", what, problem, delay)
             await asyncio.sleep(delay)
             delay = min(MAX_BACKOFF, delay * 2)
+
+
+def _not_erased(
+    erasures: Matcher, entry: Entry, docs: list[Document], dropped: dict[str, int]
+) -> list[Document]:
+    """The documents no erasure's tombstone matches; counts the others per erasure run."""
+    queued = queued_ms(entry.entry_id)
+    kept = []
+    for doc in docs:
+        rule = erasures.erases(queued, doc["account_id"], doc["user_id"], ms(doc["timestamp"]))
+        if rule is None:
+            kept.append(doc)
+        else:
+            dropped[rule.run] = dropped.get(rule.run, 0) + 1
+    return kept
+
+
+def _dead_letter_body(batch: Batch) -> Entry:
+    """The entry as a dead letter keeps it: without the events erasures keep out (its
+    count stays, which the depth counter goes by when it is replayed and stored)."""
+    if not batch.erasures:
+        return batch.entry
+    queued, erases = queued_ms(batch.entry.entry_id), batch.erasures.erases
+    events = decode_events(batch.entry.body)
+    kept = [e for e in events if erases(queued, e.account_id, e.user_id, ms(e.timestamp)) is None]
+    if len(kept) == len(events):
+        return batch.entry
+    return replace(batch.entry, body=encode_events(kept))
 
 
 def tails_of(docs: list[Document]) -> dict[str, tail.TailEvents]:

@@ -7,7 +7,8 @@ counts to prometheus-client's (file-backed, locked) metrics once a second: doing
 that per request cost a few percent of a one-event request.
 
 The access log (``ACCESS_LOG=true``) writes one line per answer with the path
-but never the query string: ``/stream?key=…`` carries a key.
+but never the query string (``/stream?key=…`` carries a key), and the route's
+pattern instead of a path that names a user (erasure).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REQUESTS = Counter("http_requests_total", "HTTP answers, by route and status", [
 DURATION = Histogram("http_request_duration_seconds", "From the request's head to its answer",
                      ["route"], buckets=BUCKETS)  # fmt: skip
 FLUSH_SECONDS = 1.0
+PERSONAL_PATHS = frozenset({"erase_user"})  # routes whose path names a user
 
 
 class RequestStats:
@@ -55,7 +57,9 @@ class RequestStats:
         buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
         self._sums[route] += seconds
         if self.access_log:
-            log.info("%s %s %d %.1fms %s", request.method, request.path, response.status,
+            # a user id is personal data: a path that holds one is logged as its pattern
+            path = request.route.path if route in PERSONAL_PATHS and request.route else request.path
+            log.info("%s /%s %d %.1fms %s", request.method, path.lstrip("/"), response.status,
                      seconds * 1000, request.remote_addr or request.ip)  # fmt: skip
 
     def flush(self) -> None:

@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pymongo.errors import PyMongoError
 
@@ -97,6 +97,16 @@ async def read_snapshot(
         snapshot.head, snapshot.head_known = Head.from_copy(read.head), True
     await snapshot.know_head(db, account)
     return snapshot
+
+
+async def head_moved(redis: Redis, settings: Settings, account: str, key: str) -> bool:
+    """Whether the account's head moved on since the snapshot an answer's cache ``key``
+    names (its version is the key's last part): an answer computed before an erasure
+    finished must not go to a request that arrived after (``SingleFlight``'s ``stale``).
+    One HGET; without a copy of the head (an idle account's lapsed) it has not moved."""
+    version = key.rpartition(":v")[2]
+    current: Any = await redis.hget(keys.head_copy(settings, account), "v")
+    return current is not None and version.isdigit() and int(current) > int(version)
 
 
 async def with_index(db: Database, head: Head, reads: Reads, docs: KeptDocuments | None) -> None:

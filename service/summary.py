@@ -48,6 +48,7 @@ from service.snapshot import (
     Raced,
     Snapshot,
     consistently,
+    head_moved,
     read_snapshot,
     stores_unavailable,
     with_index,
@@ -188,7 +189,10 @@ async def get_summary(request: Request, account_id: str | None = None) -> HTTPRe
 
     with stores_unavailable(settings):
         # identical requests arriving together share one computation
-        found, key = await memory.in_flight.run(f"summary:{account}:{window}:{top}", answer)
+        found, key = await memory.in_flight.run(
+            f"summary:{account}:{window}:{top}", answer,
+            lambda shared: head_moved(redis, settings, account, shared[1]),
+        )  # fmt: skip
     if isinstance(found, bytes):
         return cached_answer(found)
     return await fresh_answer(memory.answers, key, _encode(found.body(top)), found.reads)

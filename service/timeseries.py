@@ -55,6 +55,7 @@ from service.snapshot import (
     Raced,
     Snapshot,
     consistently,
+    head_moved,
     read_snapshot,
     stores_unavailable,
     with_index,
@@ -247,7 +248,10 @@ async def get_timeseries(request: Request, account_id: str) -> HTTPResponse:
 
     with stores_unavailable(settings):
         # identical requests arriving together share one computation
-        found, key = await memory.in_flight.run(f"timeseries:{account}:{window}:{step}", answer)
+        found, key = await memory.in_flight.run(
+            f"timeseries:{account}:{window}:{step}", answer,
+            lambda shared: head_moved(redis, settings, account, shared[1]),
+        )  # fmt: skip
     if isinstance(found, bytes):
         return cached_answer(found)
     return await fresh_answer(memory.answers, key, _encode(found.body()), found.reads)

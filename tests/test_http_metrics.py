@@ -42,6 +42,8 @@ def test_answers_are_counted_by_route_and_status_and_timed(
         assert (
             client.get("/summary/x", params={"top": "9" * 5000, "key": secret}).status_code == 400
         )
+        erased = client.delete(f"/accounts/{account}/users/{secret}_user", params={"wait": "0"})
+        assert erased.status_code in (200, 202), erased.text
 
     expected = {("post_events", "202"): 7, ("post_events", "400"): 3, ("summary", "200"): 1,
                 ("unmatched", "404"): 1}  # fmt: skip
@@ -68,3 +70,4 @@ def test_answers_are_counted_by_route_and_status_and_timed(
     wait_for(lambda: "POST /events 202" in service.log_tail(10**6), 10, what="access log")
     log = service.log_tail(10**6)
     assert "GET /summary/x 400" in log and secret not in log
+    assert "DELETE /accounts/<account:str>/users/<user_id:str>" in log

@@ -60,12 +60,16 @@ class MakeRun:
     def start(self) -> None:
         self.starts += 1
         self.marker = unique("makerun")
+        # a new port each start: on a busy machine the last one may be some client's by
+        # now; INSTANCE_NAME keeps the flusher's consumer name (and its pending entries)
+        self.port = free_port()
         self.log_path = self.log_dir / f"make-run-{self.starts}.log"
         env = {k: v for k, v in os.environ.items()
                if k not in ("REDIS_URL", "MONGO_URL", "PROMETHEUS_MULTIPROC_DIR")}  # fmt: skip
         env |= {"VAR_DIR": str(self.var_dir), "PORT": str(self.port), "WORKERS": "1",
                 "MONGO_DB": self.db_name, "SHUTDOWN_GRACE_SECONDS": str(GRACE),
-                "SUMMARY_CACHE_SECONDS": "0", MARKER: self.marker}  # fmt: skip
+                "SUMMARY_CACHE_SECONDS": "0", "INSTANCE_NAME": self.db_name,
+                MARKER: self.marker}  # fmt: skip
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
                 ["make", "--no-print-directory", "run"], cwd=ROOT, env=env, stdout=out,
