@@ -647,8 +647,11 @@ async def fail_job(db: Database, job: Job, error: str) -> None:
     await save_job(db, job)
 
 
-async def finish_job(db: Database, job: Job) -> None:
-    job.state, job.step, job.finished_at = DONE, "done", datetime.now(UTC)
+async def finish_job(db: Database, job: Job, finished_at: datetime | None = None) -> None:
+    """Record the job done; ``finished_at`` is the moment its tombstone was narrowed to (the
+    scope's events queued before it are erased, those queued after are kept)."""
+    job.state, job.step = DONE, "done"
+    job.finished_at = finished_at or datetime.now(UTC)
     await save_job(db, job)
     await db[keys.ERASURE_AUDIT].update_one(
         {"_id": job.run_id},

@@ -52,7 +52,7 @@ from pymongo.errors import PyMongoError
 from redis.exceptions import ResponseError
 
 from core import erasure, keys, metrics, store
-from core.buckets import HOUR, MINUTE, Counts, floor, ms
+from core.buckets import HOUR, MINUTE, Counts, floor, ms, to_datetime
 from core.connections import Redis
 from core.erasure import ErasureError, Job, Scope
 from core.rollup_docs import COLLECTIONS, Head, Kind, read_packed, read_series
@@ -153,8 +153,8 @@ class Eraser:
         job.dead_letter_events += await erasure.scrub_dead_letters(self.redis, self.settings,
                                                                    scope)  # fmt: skip
         await self._hold()
-        await erasure.finish_tombstone(self.redis, self.settings, job.run_id)
-        await erasure.finish_job(self.db, job)
+        before = await erasure.finish_tombstone(self.redis, self.settings, job.run_id)
+        await erasure.finish_job(self.db, job, None if before is None else to_datetime(before))
         self.progress(job)
         try:
             await erasure.prune_tombstones(self.db, self.redis, self.settings)

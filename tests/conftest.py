@@ -60,7 +60,14 @@ def settings_for(stack: Stack, **overrides: Any) -> Settings:
 
 
 def backends_for(settings: Settings) -> Backends:
-    return Backends(settings.redis_url, settings.mongo_url, settings.mongo_db, settings.stream_key)
+    return Backends(
+        settings.redis_url,
+        settings.mongo_url,
+        settings.mongo_db,
+        settings.stream_key,
+        settings.stream_partitions,
+        rollup_partitions=settings.rollup_partitions,
+    )
 
 
 @dataclass
@@ -163,7 +170,14 @@ def _service_factory(stack: Stack, var_dir: Path) -> Iterator[ServiceFactory]:
         env = service_env(stack.redis_url, stack.mongo_url, var_dir, **overrides)
         service = Service(env=env, workers=workers)
         service.start(var_dir)
-        backends = Backends(stack.redis_url, stack.mongo_url, env["MONGO_DB"], env["STREAM_KEY"])
+        backends = Backends(
+            stack.redis_url,
+            stack.mongo_url,
+            env["MONGO_DB"],
+            env["STREAM_KEY"],
+            int(env.get("STREAM_PARTITIONS", 1)),
+            rollup_partitions=int(env.get("ROLLUP_PARTITIONS", 1)),
+        )
         started.append((service, backends))
         return service, backends
 

@@ -61,6 +61,7 @@ class Backends:
     stream: str
     partitions_count: int = 1
     cluster: bool = False
+    rollup_partitions: int = 1
 
     def __post_init__(self) -> None:
         self.redis: Any = (redis.RedisCluster.from_url(self.redis_url) if self.cluster
@@ -75,6 +76,7 @@ class Backends:
                 "MONGO_DB": self.db_name,
                 "STREAM_KEY": self.stream,
                 "STREAM_PARTITIONS": str(self.partitions_count),
+                "ROLLUP_PARTITIONS": str(self.rollup_partitions),
             }
         )
         self.partitions = keys.partitions(self.settings)

@@ -114,9 +114,15 @@ async def running(app: AppFactory) -> Running:
     return started
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), phases=NO_SHRINK)
-@given(events=event_sets(), seed=st.integers(0, 2**16))
-async def test_summary_equals_ground_truth_for_every_window(
+@pytest.fixture
+async def partitioned(app: AppFactory) -> Running:
+    """Accounts spread over 4 rollup partitions (rollups/lease.py)."""
+    started = await app(rollup_partitions=4)
+    started.start_flusher()
+    return started
+
+
+async def exact_through_rollovers(
     running: Running, events: list[dict[str, Any]], seed: int
 ) -> None:
     accounts = {e["account_id"] for e in events}
@@ -136,6 +142,22 @@ async def test_summary_equals_ground_truth_for_every_window(
     await check_all_windows(running, accounts)  # aggregates + tail
     await roll(running, accounts)
     await check_all_windows(running, accounts)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), phases=NO_SHRINK)
+@given(events=event_sets(), seed=st.integers(0, 2**16))
+async def test_summary_equals_ground_truth_for_every_window(
+    running: Running, events: list[dict[str, Any]], seed: int
+) -> None:
+    await exact_through_rollovers(running, events, seed)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), phases=NO_SHRINK)
+@given(events=event_sets(), seed=st.integers(0, 2**16))
+async def test_summary_equals_ground_truth_with_rollup_partitions(
+    partitioned: Running, events: list[dict[str, Any]], seed: int
+) -> None:
+    await exact_through_rollovers(partitioned, events, seed)
 
 
 async def test_unknown_account_is_all_zeros(running: Running) -> None:
