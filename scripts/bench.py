@@ -17,6 +17,9 @@ In one run, on one machine, against real servers started here:
 4. sustained load: the store's ceiling (from 2.) offered for minutes with k6,
    then how long until every accepted event is in ``/summary``; stored events/s
    end to end against the raw insert ceiling.
+5. rollups: one pass over 5k, 20k and 50k accounts active every minute, with 1
+   and 2 real rollups processes sharing the rollup partitions
+   (``scripts/bench_rollups.py``): pass time and per-account cost.
 
 Every figure is the median of ``--repeat`` runs. Writes docs/PERFORMANCE.md and
 docs/ingest-throughput.png.
@@ -56,12 +59,13 @@ from core.keys import partitions
 from core.settings import Settings, load_settings
 from core.tail import redis_time_ms
 from rollups.rollover import Roller
+from scripts import bench_rollups
 from scripts.stack import ROOT, Stack, ensure_wrk, running_stack, scratch_dir
 from service.flusher import Flusher
 from tests.harness import Service, cpu_seconds, dev_tool, exit_on_sigterm, service_env
 
 SIZES = (1, 10, 100, 500)
-PARTS = ("ingest", "routes", "flush", "summary", "sustained")
+PARTS = ("ingest", "routes", "flush", "summary", "sustained", "rollups")
 TYPES = ("page_view", "message_sent", "call_made", "form_submitted", "login", "custom")
 DOCS = ROOT / "docs"
 CONNECTIONS = 64
@@ -108,6 +112,7 @@ class Results:
     summary: dict[str, float] = field(default_factory=dict)
     sustained: dict[float, dict[str, float]] = field(default_factory=dict)  # by share offered
     routes: dict[str, Rate] = field(default_factory=dict)
+    rollups: list[bench_rollups.Case] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -635,6 +640,49 @@ def bench_summary(stack: Stack, work: Path, args: argparse.Namespace, results: R
     results.summary["sizes"] = float(len(sizes))
 
 
+# --- rollups ---------------------------------------------------------------------------
+
+
+def bench_rollups_part(stack: Stack, work: Path, args: argparse.Namespace,
+                       results: Results) -> None:  # fmt: skip
+    for accounts in args.rollup_accounts:
+        for processes in bench_rollups.PROCESSES:
+            results.rollups.append(bench_rollups.run_case(stack, work, accounts, processes,
+                                                          args.rollup_rounds))  # fmt: skip
+
+
+def rollups_section(results: Results) -> list[str]:
+    if not results.rollups:
+        return []
+    rows = [
+        f"| {c.accounts:,} | {c.processes} | "
+        f"{c.first.seconds if c.first else float('nan'):.1f} s | {c.median_seconds():.1f} s "
+        f"| ≤ {c.median_seconds() + 1:.0f} s | {c.median_per_account_ms():.2f} ms "
+        f"| {c.accounts / max(c.median_seconds(), 1e-9):,.0f} |"
+        for c in results.rollups
+    ]
+    return [
+        "## Rollups (one pass over many active accounts)",
+        "",
+        f"`scripts/bench_rollups.py`: real rollups processes (`ROLLUP_PARTITIONS="
+        f"{bench_rollups.PARTITIONS}`), every account with two tail entries of "
+        f"{bench_rollups.EVENTS_PER_ENTRY} events each minute (written into Redis as the "
+        "flusher would) and a little history leaving its 15m/1h/6h/24h windows every "
+        "minute; the first pass creates the heads, the later ones (the median is shown) are "
+        "the steady state of accounts active every minute. Pass: the longest process's "
+        "(they run at once); lag: the minute's rollover is complete this long after the "
+        "minute began (the pass, plus up to `ROLLUP_INTERVAL_SECONDS` before it starts); "
+        "per account: the processes' summed pass time over the accounts (CPU of the "
+        "rollups process, Redis and the store together, on the same 2 cores).",
+        "",
+        "| active accounts | rollups processes | first pass | steady pass | lag | per account "
+        "| accounts rolled per second of pass |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 # --- sustained load ---------------------------------------------------------------------
 
 
@@ -817,6 +865,11 @@ def targets(results: Results) -> list[str]:
         flat = s[f"{big}:24h:p50"] / s[f"{small}:24h:p50"]
         row(f"flat from {small:,} to {big:,} events (p50 ratio within 1.5×)", flat <= 1.5,
             f"{flat:.2f}×")  # fmt: skip
+    for case in results.rollups:
+        if case.processes == 1 and case.accounts >= 20_000:
+            took = case.median_seconds()
+            row(f"rollups: one process rolls {case.accounts:,} active accounts in < 30 s per pass",
+                took < 30, f"{took:.1f} s")  # fmt: skip
     for factor, u in sorted(results.sustained.items(), reverse=True):
         offered = f"sustained at {factor:.0%} of the store ceiling"
         share = u["end_to_end_events_per_s"] / u["ceiling"]
@@ -975,7 +1028,8 @@ def write_report(results: Results, args: argparse.Namespace, plot: Path) -> Path
             "",
         ]
     lines += [*routes_section(results), *flush_section(results), *summary_section(results, args),
-              *sustained_section(results), *BEFORE, *results.notes]  # fmt: skip
+              *sustained_section(results), *rollups_section(results), *BEFORE,
+              *results.notes]  # fmt: skip
     path = DOCS / "PERFORMANCE.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -1023,6 +1077,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="offered loads, as shares of the raw insert ceiling")  # fmt: skip
     parser.add_argument("--sustain-rate", type=float, default=8000.0,
                         help="events/s to offer when the flusher part did not run")  # fmt: skip
+    parser.add_argument("--rollup-accounts", type=int, nargs="+",
+                        default=list(bench_rollups.ACCOUNTS),
+                        help="active accounts per rollups case")  # fmt: skip
+    parser.add_argument("--rollup-rounds", type=int, default=bench_rollups.ROUNDS,
+                        help="minutes per rollups case (the first creates the heads)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 short repeat, small sizes")
     parser.add_argument("--only", choices=PARTS,
                         action="append", help="measure only these parts (repeatable)")  # fmt: skip
@@ -1030,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeat, args.seconds, args.flush_events = 1, 2.0, 5_000
         args.summary_events, args.summary_repeat, args.sustain_seconds = 20_000, 30, 30
+        args.rollup_accounts, args.rollup_rounds = [2_000], 2
     ensure_wrk()
     exit_on_sigterm()
     results = Results(machine=describe_machine())
@@ -1047,9 +1107,13 @@ def main(argv: list[str] | None = None) -> int:
             bench_summary(stack, Path(tmp), args, results)
         if "sustained" in parts:
             bench_sustained(stack, Path(tmp), args, results)
+        if "rollups" in parts:
+            bench_rollups_part(stack, Path(tmp), args, results)
     plot = DOCS / "ingest-throughput.png"
-    if args.only:
-        print("\n".join(targets(results)))
+    if args.only:  # docs/PERFORMANCE.md is rewritten by a whole run only
+        print("\n".join([*targets(results), "", *routes_section(results),
+                         *flush_section(results), *summary_section(results, args),
+                         *sustained_section(results), *rollups_section(results)]))  # fmt: skip
         return 0
     write_plot(results, plot)
     report = write_report(results, args, plot)
