@@ -46,6 +46,13 @@ said so, so a dead one stops asking) and takes them all at once when all are fre
 processes give up a wanted partition at their next tick (mid-pass: after the
 batch they are writing) and take none that is wanted; when the backfill releases
 them, they take them back.
+
+**Why not redis-py's ``Lock``** (the single rollups lease used it): a ``Lock`` guards
+one key and gives its holder no token. Here one process takes, renews and gives
+back any number of partitions in one atomic script, each taking gets a fencing token
+the heads record, and a backfill's ``wanted`` keys make holders hand partitions over:
+none of which a ``Lock`` does, and building them around one would take the same
+scripts.
 """
 
 from __future__ import annotations
