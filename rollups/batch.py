@@ -45,7 +45,7 @@ from core.buckets import (
     window_start,
 )
 from core.rollup_docs import COLLECTIONS, PROJECTION, Head
-from rollups.rollover import _TRIMS, Draft, Roller, next_change, starts_between
+from rollups.rollover import TRIM_MANY, Draft, Roller, next_change, starts_between
 from rollups.sweep import RETIRE_AFTER_MS, retire_due
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]
     pipelined call: a script call per stream partition for the trims, a ``ZADD`` (and
     ``ZREM``) per rollup partition for the schedules."""
     settings = roller.settings
-    await roller.redis.script_load(_TRIMS)
+    await roller.redis.script_load(TRIM_MANY)
     retire_at = time.time() * 1000 + RETIRE_AFTER_MS
     due: dict[str, dict[str, float]] = {}  # schedule -> account -> minute
     done: dict[str, list[str]] = {}  # schedule -> accounts with nothing ahead

@@ -129,7 +129,7 @@ return 1
 
 # _TRIM for many accounts whose tails share a slot (one stream partition's).
 # KEYS: per account: tail, dirty set; ARGV: per account: account, n, n ids to delete
-_TRIMS = """
+TRIM_MANY = """
 local pos = 1
 for i = 1, #KEYS, 2 do
   local account, n = ARGV[pos], tonumber(ARGV[pos + 1])
@@ -707,8 +707,8 @@ class Roller:
 
     def many_trims_calls(self, rolled: Sequence[Draft]) -> list[tuple[str, tuple[Any, ...]]]:
         """The tail trims of many rollovers as pipeline calls (method, arguments): one
-        ``_TRIMS`` script call per stream partition for up to ``KEEP_HEAD_CALLS``
-        accounts (their tails and dirty sets share its slot). Needs ``_TRIMS`` loaded:
+        ``TRIM_MANY`` script call per stream partition for up to ``KEEP_HEAD_CALLS``
+        accounts (their tails and dirty sets share its slot). Needs ``TRIM_MANY`` loaded:
         the first call is its ``SCRIPT LOAD``."""
         groups: dict[str, list[tuple[list[str], list[str]]]] = {}
         for draft in rolled:
@@ -716,7 +716,7 @@ class Roller:
             for trim_keys, args in self.trim_calls(head.account_id, draft.entries, head):
                 groups.setdefault(trim_keys[0].partition("}")[0], []).append((trim_keys, args))
         calls: list[tuple[str, tuple[Any, ...]]] = []
-        sha = _sha1(_TRIMS)
+        sha = _sha1(TRIM_MANY)
         for group in groups.values():
             for start in range(0, len(group), KEEP_HEAD_CALLS):
                 script_keys: list[str] = []
