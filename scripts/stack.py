@@ -46,6 +46,7 @@ POSTGRES_USER = "postgres"  # Debian's package creates it; PostgreSQL refuses to
 FERRETDB_DATABASE = "ferretdb"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+ZOMBIE_WAIT = 5.0  # for a killed postmaster to be collected before its lock is cleared
 
 
 class StackError(RuntimeError):
@@ -306,6 +307,13 @@ def stop_process(pid: int, signum: int, timeout: float = STOP_TIMEOUT) -> None:
     raise StackError(f"process {pid} did not exit on SIGKILL")
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -447,11 +455,21 @@ class PostgresServer(Server):
         lock = self.cluster / "postmaster.pid"
         try:
             pid = int(lock.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
-            return  # no lock, or its process is gone: PostgreSQL handles that itself
-        if not _alive(pid):
-            return  # a zombie: dead, only not collected yet (PostgreSQL handles it too)
+            return  # no lock: nothing to clear
+        # A postmaster killed with its parent stays a zombie until something collects
+        # it, and PostgreSQL takes a zombie's pid for a live server: wait for it to go
+        deadline = time.monotonic() + ZOMBIE_WAIT
+        while _zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return  # its process is gone: PostgreSQL handles that itself
+        if _zombie(pid):  # dead, and never collected: its lock holds nothing
+            log(f"removing the lock of a dead PostgreSQL server (pid {pid}, not collected)")
+            lock.unlink(missing_ok=True)
+            return
         if str(self.cluster).encode() in cmdline:
             log(f"stopping the PostgreSQL server an earlier start left running (pid {pid})")
             stop_process(pid, self.stop_signal)

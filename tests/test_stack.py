@@ -17,6 +17,7 @@ import redis
 from scripts.stack import (
     PostgresServer,
     StackError,
+    _as_postgres_user,
     process_identity,
     running_stack,
     scratch_dir,
@@ -118,6 +119,34 @@ def test_a_stale_lock_of_a_reused_pid_does_not_block_a_start(var_dir: Path) -> N
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+def test_a_lock_of_a_killed_postmaster_never_collected_does_not_block_a_start(
+    var_dir: Path,
+) -> None:
+    """A postmaster SIGKILLed with its launcher (a power cut) stays a zombie until
+    something collects it, and PostgreSQL takes a zombie's pid for a live server
+    ("lock file already exists"). Here the zombie is never collected: the start waits
+    for it a while, then clears the lock itself."""
+    with running_stack(var_dir):
+        pass
+    # a process of the postgres user (as a postmaster is) that exits at once and is not
+    # waited for: a zombie of ours
+    dead = subprocess.Popen([*_as_postgres_user(), "true"])
+    try:
+        wait_for(lambda: "Z" in Path(f"/proc/{dead.pid}/stat").read_text().rsplit(")", 1)[1][:3],
+                 10, what="a zombie")  # fmt: skip
+        lock = var_dir / "postgres" / "cluster" / "postmaster.pid"
+        lock.write_text(f"{dead.pid}\n{var_dir / 'postgres' / 'cluster'}\n")
+        with running_stack(var_dir) as stack:
+            assert stack.mongo_url
+            client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+                stack.mongo_url, serverSelectionTimeoutMS=10_000
+            )
+            with client:
+                client["zombie"]["probe"].insert_one({"_id": 1})
+    finally:
+        dead.wait()
 
 
 def test_a_server_whose_launcher_still_runs_is_not_taken_over(var_dir: Path) -> None:
