@@ -118,9 +118,8 @@ class Backfill:
         self.db = db
         self.redis = redis
         self.settings = settings
-        self.roller = Roller(db, redis, settings)
         self.lease = Leases(redis, settings, "backfill", settings.maintenance_lease_seconds)
-        self.roller.fence = self.lease.held  # its rollovers write under the leases it takes
+        self.roller = Roller(db, redis, settings, fence=self.lease.held)
         self._snapshot = redis.register_script(_SNAPSHOT)
 
     async def run(

@@ -86,9 +86,8 @@ class Eraser:
         self.settings = settings
         self.by = by
         self.progress = progress
-        self.roller = Roller(db, redis, settings)
         self.lease = Leases(redis, settings, "erasure", settings.maintenance_lease_seconds)
-        self.roller.fence = self.lease.held  # its rollovers write under the lease it takes
+        self.roller = Roller(db, redis, settings, fence=self.lease.held)
 
     async def erase(self, scope: Scope) -> Job:
         """Run (or resume) the scope's erasure to its end; the job, done."""

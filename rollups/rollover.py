@@ -24,7 +24,6 @@ same result.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import secrets
 import zlib
@@ -101,20 +100,11 @@ end
 return 1
 """
 
-# Keep the newest head's copy for readers: a rollup job that lost its lease
-# mid-way must not put back an older head after the tail was trimmed for a newer.
-# The copy lapses after HEAD_COPY_TTL_SECONDS without a rollover (an idle
-# account's readers then read its head from the store).
-# KEYS: head copy; ARGV: version, copy, ttl
-_KEEP_HEAD = """
-local kept = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if tonumber(ARGV[1]) <= kept then return 0 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'h', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
-# The same for many accounts whose copies share a slot (one stream partition's).
+# Keep the newest head copies for readers, for many accounts whose copies share a
+# slot (one stream partition's): a rollup job that lost its lease mid-way must not
+# put back an older head after the tail was trimmed for a newer. A copy lapses after
+# HEAD_COPY_TTL_SECONDS without a rollover (an idle account's readers then read its
+# head from the store).
 # KEYS: head copies; ARGV: ttl, then per key: version, copy
 _KEEP_HEADS = """
 for i = 1, #KEYS do
@@ -219,7 +209,8 @@ class DocumentCache:
 class Roller:
     """Rolls accounts forward; keeps the heads and documents it has seen in memory."""
 
-    def __init__(self, db: Database, redis: Redis, settings: Settings) -> None:
+    def __init__(self, db: Database, redis: Redis, settings: Settings,
+                 fence: dict[int, int] | None = None) -> None:  # fmt: skip
         self.db = db
         self.redis = redis
         self.settings = settings
@@ -230,16 +221,17 @@ class Roller:
         # the hour series this process wrote or read, encoded (an hour bucket is rewritten
         # with its series every minute the account is active)
         self.series: LRUCache[str, bytes] = LRUCache(maxsize=SERIES_BYTES, getsizeof=len)
-        # rollup partition -> the fencing token of the lease this roller works under; a
-        # head of an account whose partition is not here is written under token 0, which
-        # a head written under any lease refuses (rollups/lease.py)
-        self.fence: dict[int, int] = {}
+        # rollup partition -> the fencing token of the lease this roller works under (a
+        # ``Leases.held``, which its ticks keep current); a head of an account whose
+        # partition is not here is written under token 0, which a head written under
+        # any lease refuses (rollups/lease.py)
+        self.fence: dict[int, int] = {} if fence is None else fence
         # documents read ahead for the pass in progress (rollups/batch.py ``prefetch``)
         self.prefetched: dict[str, Counts] = {}
         self._sweeping: set[asyncio.Future[None]] = set()  # retiring under way
         self._sweep_gate = asyncio.Semaphore(SWEEPS_AT_ONCE)
         self._trim = redis.register_script(_TRIM)
-        self._keep_head = redis.register_script(_KEEP_HEAD)
+        self._trim_many = redis.register_script(TRIM_MANY)
 
     def forget_heads(self, partitions: Iterable[int] | None = None) -> None:
         """Another job may have written heads (we lost the lease for a while): all of
@@ -708,15 +700,15 @@ class Roller:
     def many_trims_calls(self, rolled: Sequence[Draft]) -> list[tuple[str, tuple[Any, ...]]]:
         """The tail trims of many rollovers as pipeline calls (method, arguments): one
         ``TRIM_MANY`` script call per stream partition for up to ``KEEP_HEAD_CALLS``
-        accounts (their tails and dirty sets share its slot). Needs ``TRIM_MANY`` loaded:
-        the first call is its ``SCRIPT LOAD``."""
+        accounts (their tails and dirty sets share its slot). Needs ``TRIM_MANY`` loaded
+        in Redis first (``rollups/batch.py`` does)."""
         groups: dict[str, list[tuple[list[str], list[str]]]] = {}
         for draft in rolled:
             head = draft.new
             for trim_keys, args in self.trim_calls(head.account_id, draft.entries, head):
                 groups.setdefault(trim_keys[0].partition("}")[0], []).append((trim_keys, args))
         calls: list[tuple[str, tuple[Any, ...]]] = []
-        sha = _sha1(TRIM_MANY)
+        sha = self._trim_many.sha
         for group in groups.values():
             for start in range(0, len(group), KEEP_HEAD_CALLS):
                 script_keys: list[str] = []
@@ -745,10 +737,6 @@ async def _insert_all(
             refused.setdefault(owner, WriteError(error.get("errmsg", ""), error.get("code"),
                                                  error))  # fmt: skip
         return refused
-
-
-def _sha1(script: str) -> str:
-    return hashlib.sha1(script.encode()).hexdigest()
 
 
 def _binary_bytes(doc: Document) -> int:

@@ -83,8 +83,7 @@ class RollupsProcess(Worker):
         super().__init__(settings, settings.rollup_timeout_seconds)
         ttl = max(10.0, 5 * settings.rollup_interval_seconds)
         self.leases = Leases(self.redis, settings, "rollups", ttl)
-        self.roller = Roller(self.db, self.redis, settings)
-        self.roller.fence = self.leases.held  # the same dict: the tick keeps it current
+        self.roller = Roller(self.db, self.redis, settings, fence=self.leases.held)
         self.retention: Retention | None = None
         self.rolled: dict[int, int] = {}  # partition -> the minute its last full pass reached
         self.rolling: set[int] = set()  # partitions a pass is working on
