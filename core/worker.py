@@ -22,7 +22,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 from setproctitle import setproctitle
 
-from core import metrics, store
+from core import metrics, store, tasks
 from core.connections import REDIS_ERRORS, Redis, connect_redis
 from core.lifetime import signal_on_parent_death
 from core.logs import configure_logging
@@ -100,7 +100,7 @@ class Worker(ABC):
         try:
             await self._work_until_stopped()
         finally:
-            memory.cancel()
+            await tasks.stop([memory])
 
     async def _work_until_stopped(self) -> None:
         work = asyncio.create_task(self.main())
@@ -111,8 +111,7 @@ class Worker(ABC):
             done, _ = await asyncio.wait({work}, timeout=self.settings.shutdown_grace_seconds)
             if not done:
                 log.warning("%s still busy after the shutdown grace; stopping it", self.role)
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+                await tasks.stop([work])
                 return
         work.result()  # re-raise what ended it early
 

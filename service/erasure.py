@@ -32,7 +32,7 @@ from pymongo.errors import PyMongoError
 from sanic import HTTPResponse, Request, Sanic
 from sanic_ext import openapi
 
-from core import erasure, store
+from core import erasure, store, tasks
 from core.api_keys import ApiKey
 from core.connections import REDIS_ERRORS
 from core.erasure import ErasureError, ErasureRefused, Job, Scope
@@ -87,9 +87,7 @@ class Erasures:
             log.warning("an erasure failed: %s: %s", type(exc).__name__, exc)
 
     async def close(self) -> None:
-        for task in list(self.running.values()):
-            task.cancel()
-        await asyncio.gather(*self.running.values(), return_exceptions=True)
+        await tasks.stop(self.running.values())
         await self.mongo.close()
 
 

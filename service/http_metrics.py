@@ -24,7 +24,7 @@ from prometheus_client import Counter, Histogram
 from sanic import Request
 from sanic.response import BaseHTTPResponse
 
-from core import metrics
+from core import metrics, tasks
 
 log = logging.getLogger("service.access")
 
@@ -82,8 +82,7 @@ class RequestStats:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await tasks.stop([self._task])
         self.flush()
 
     async def _every_second(self) -> None:

@@ -10,12 +10,11 @@ worker of every host within about a second. Expiry is checked at each lookup.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from pymongo.errors import PyMongoError
 
-from core import api_keys
+from core import api_keys, tasks
 from core.api_keys import ApiKey
 from core.connections import REDIS_ERRORS, Redis
 from core.settings import Settings
@@ -59,9 +58,7 @@ class KeyRing:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await tasks.stop([self._task])
 
     async def _poll(self) -> None:
         failing = False

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 from sanic import Request
 from sanic.response import HTTPResponse
 
-from core import keys, metrics
+from core import keys, metrics, tasks
 from core.connections import REDIS_ERRORS, Redis
 from core.settings import Settings
 from service.auth import api_key_of, authorize, known_key
@@ -158,11 +158,7 @@ class Hub:
         for group in self.watchers.values():
             for watcher in group:
                 watcher.end("the server is stopping; reconnect")
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.stop(self._tasks)
         if self._pubsub is not None:
             with contextlib.suppress(*REDIS_ERRORS):
                 await self._pubsub.aclose()
