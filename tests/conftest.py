@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,16 @@ from service.app import build_app
 from service.flusher import Flusher
 from tests.support import Backends, Service, service_env, unique
 
+# the in-process apps' VAR_DIRs, for this session only
+SCRATCH = tempfile.mkdtemp(prefix="events-test-session-")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+    metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    if metrics_dir.name.startswith("events-test-metrics-"):  # made above, not given
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
@@ -49,7 +60,7 @@ def settings_for(stack: Stack, **overrides: Any) -> Settings:
         "MONGO_URL": stack.mongo_url,
         "MONGO_DB": unique("test"),
         "STREAM_KEY": unique("stream"),
-        "VAR_DIR": tempfile.mkdtemp(prefix="events-test-var-"),
+        "VAR_DIR": tempfile.mkdtemp(prefix="var-", dir=SCRATCH),
         "FLUSH_INTERVAL_MS": "50",
         "CLAIM_IDLE_MS": "1000",
         "SHUTDOWN_GRACE_SECONDS": "3",
