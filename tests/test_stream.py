@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from core import tasks
 from tests.conftest import AppFactory, Running
 from tests.support import drained, eventually, make_event, unique
 
@@ -42,8 +43,7 @@ async def following(
             task.result()
         yield got
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await tasks.stop([task])
 
 
 def stored_ids(got: list[tuple[str, dict[str, Any]]]) -> list[str]:
