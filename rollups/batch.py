@@ -190,28 +190,40 @@ async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]
 
 async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
     """Read the buckets leaving a window at ``minute`` that many of these accounts need
-    and the roller does not keep: one query per bucket start (equality on the indexed
-    ``start``: what retention uses), instead of one read per account. How many were
-    read; the rest are read by the rollover that needs them."""
-    wanted: dict[tuple[Resolution, int], set[str]] = {}
+    and the roller does not keep: one query per bucket start and rollup partition
+    (equality on both, one index), instead of one read per account. How many were read;
+    the rest (buckets written under another ``ROLLUP_PARTITIONS``) are read by their
+    start alone if many are left, else by the rollover that needs them."""
+    wanted: dict[tuple[Resolution, int, str], set[str]] = {}
     for head in heads:
         if head.minute is None or head.minute >= minute:
             continue
+        lane = roller.lane(head.account_id)
         for window in WINDOWS:
             resolution = leaving_resolution(window)
             gone_from, gone_to = window_start(window, head.minute), window_start(window, minute)
             for start in starts_between(head.buckets(resolution), gone_from, gone_to, resolution):
                 doc_id = head.bucket_doc_id(resolution, start)
                 if doc_id is not None and roller.cache.get(doc_id) is None:
-                    wanted.setdefault((resolution, start), set()).add(doc_id)
+                    wanted.setdefault((resolution, start, lane), set()).add(doc_id)
     found = 0
-    for (resolution, start), ids in wanted.items():
-        if len(ids) < PREFETCH_FROM:
-            continue
-        cursor = roller.db[COLLECTIONS[resolution]].find({"start": to_datetime(start)},
-                                                         {"_id": 1, **PROJECTION})  # fmt: skip
-        async for doc in cursor:
-            if doc["_id"] in ids:
-                roller.prefetched[doc["_id"]] = Packed.of(doc).unpack()
-                found += 1
+    by_start: dict[tuple[Resolution, int], set[str]] = {}
+    for (resolution, start, lane), ids in wanted.items():
+        if len(ids) >= PREFETCH_FROM:
+            query = {"start": to_datetime(start), "rollup_partition": lane}
+            found += await _read_ahead(roller, resolution, query, ids)
+        by_start.setdefault((resolution, start), set()).update(ids - roller.prefetched.keys())
+    for (resolution, start), ids in by_start.items():
+        if len(ids) >= PREFETCH_FROM:
+            found += await _read_ahead(roller, resolution, {"start": to_datetime(start)}, ids)
+    return found
+
+
+async def _read_ahead(roller: Roller, resolution: Resolution, query: dict[str, object],
+                      ids: set[str]) -> int:  # fmt: skip
+    found = 0
+    async for doc in roller.db[COLLECTIONS[resolution]].find(query, {"_id": 1, **PROJECTION}):
+        if doc["_id"] in ids:
+            roller.prefetched[doc["_id"]] = Packed.of(doc).unpack()
+            found += 1
     return found

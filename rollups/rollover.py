@@ -246,6 +246,9 @@ class Roller:
     def partition_of(self, account_id: str) -> int:
         return keys.rollup_partition_of(self.settings, account_id)
 
+    def lane(self, account_id: str) -> str:
+        return keys.rollup_lane(self.settings, self.partition_of(account_id))
+
     def token(self, account_id: str) -> int:
         """The fencing token this roller writes the account's heads under."""
         return self.fence.get(self.partition_of(account_id), 0)
@@ -488,8 +491,9 @@ class Roller:
         if current_id:
             draft.retired.append((resolution, current_id))
         self.cache.put(doc_id, counts)
-        draft.docs[resolution].append(document(resolution, doc_id, new.account_id, start,
-                                               pack(counts), **extra))  # fmt: skip
+        draft.docs[resolution].append(document(
+            resolution, doc_id, new.account_id, start, pack(counts),
+            rollup_partition=self.lane(new.account_id), **extra))  # fmt: skip
 
     async def _series(self, doc_id: str | None) -> Series:
         if doc_id is None:

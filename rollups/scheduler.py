@@ -69,7 +69,10 @@ return seen
 
 async def ensure_rollup_indexes(db: Database) -> None:
     for name in (keys.MINUTES, keys.HOURS):
-        await db[name].create_index([("start", ASCENDING)])  # retention
+        # retention (by start), and a pass's read-ahead (by start in one rollup partition)
+        await db[name].create_index([("start", ASCENDING), ("rollup_partition", ASCENDING)])
+        if "start_1" in await db[name].index_information():  # the index of before
+            await db[name].drop_index("start_1")
     await db[keys.HOURS].create_index([("account_id", ASCENDING)])  # time series
     await db[keys.HEADS].create_index([("account_id", ASCENDING), ("version", DESCENDING)])
     for name in (keys.MINUTES, keys.WINDOWS, keys.INDEXES):
