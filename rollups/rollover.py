@@ -51,16 +51,20 @@ from core.buckets import (
 from core.connections import Redis
 from core.rollup_docs import (
     COLLECTIONS,
+    WINDOW_SET_ENTRIES,
     Head,
     Kind,
     Series,
     bucket_id,
     document,
+    document_of,
     index_id,
     read_head,
     read_packed,
     read_series,
     window_id,
+    window_ref,
+    window_set_id,
 )
 from core.settings import Settings
 from core.store import DUPLICATE_KEY, Database, Document
@@ -421,6 +425,7 @@ class Roller:
     async def _move_windows(self, draft: Draft) -> None:
         old, new = draft.old, draft.new
         assert new.minute is not None
+        moved: dict[str, Counts] = {}
         for window in WINDOWS:
             start = window_start(window, new.minute)
             entering = [c for m, c in draft.applied.items() if start <= m]
@@ -434,22 +439,53 @@ class Roller:
                     leaving.append(await self._counts(resolution, doc_id))
             if not entering and not leaving:
                 continue
-            current_id = old.windows.get(window)
-            counts = (await self._counts("window", current_id)).copy()
+            counts = (await self._counts("window", old.windows.get(window))).copy()
             for gone in leaving:
                 counts.merge(gone, -1)
             for came in entering:
                 counts.merge(came)
-            if current_id:
-                draft.retired.append(("window", current_id))
+            moved[window] = counts
+        if not moved:
+            return
+        every = {w: moved[w] if w in moved else await self._counts("window", old.windows[w])
+                 for w in WINDOWS if w in moved or w in old.windows}  # fmt: skip
+        every = {w: counts for w, counts in every.items() if counts}
+        if sum(_entries(counts) for counts in every.values()) <= WINDOW_SET_ENTRIES:
+            self._write_window_set(draft, every)
+        else:
+            self._write_windows(draft, moved)
+        named = {document_of(ref) for ref in new.windows.values()}
+        superseded = {document_of(ref) for ref in old.windows.values()} - named
+        draft.retired.extend(("window", doc_id) for doc_id in sorted(superseded))
+
+    def _write_window_set(self, draft: Draft, every: dict[str, Counts]) -> None:
+        """All the account's non-empty windows in one document (a window set)."""
+        new = draft.new
+        assert new.minute is not None
+        set_id = window_set_id(new.account_id, new.minute, draft.tag)
+        new.windows = {window: window_ref(set_id, window) for window in every}
+        for window, counts in every.items():
+            self.cache.put(new.windows[window], counts)
+        if every:
+            packed = {window: pack(counts) for window, counts in every.items()}
+            draft.docs["window"].append(document("window", set_id, new.account_id, new.minute,
+                                                 {"windows": packed}, minute=new.minute,
+                                                 v=new.version))  # fmt: skip
+
+    def _write_windows(self, draft: Draft, moved: dict[str, Counts]) -> None:
+        """A document for each window that moved (windows too large to share one)."""
+        new = draft.new
+        assert new.minute is not None
+        for window, counts in moved.items():
             if not counts:
                 new.windows.pop(window, None)
                 continue
             doc_id = window_id(new.account_id, window, new.minute, draft.tag)
             new.windows[window] = doc_id
             self.cache.put(doc_id, counts)
-            aggregate = document("window", doc_id, new.account_id, start, pack(counts),
-                                 window=window, minute=new.minute, v=new.version)  # fmt: skip
+            aggregate = document("window", doc_id, new.account_id,
+                                 window_start(window, new.minute), pack(counts), window=window,
+                                 minute=new.minute, v=new.version)  # fmt: skip
             draft.docs["window"].append(aggregate)
 
     async def _write_buckets(self, draft: Draft) -> None:
@@ -744,8 +780,9 @@ async def _insert_all(
 
 
 def _binary_bytes(doc: Document) -> int:
-    """Roughly what a rollup document weighs: its packed fields."""
-    return sum(len(v) for v in doc.values() if isinstance(v, bytes))
+    """Roughly what a rollup document weighs: its packed fields (a window set's too)."""
+    return sum(len(v) if isinstance(v, bytes) else _binary_bytes(v) if isinstance(v, dict)
+               else 0 for v in doc.values())  # fmt: skip
 
 
 def _advanced(applied: dict[int, StreamId], entries: list[TailEntry]) -> dict[int, StreamId]:
