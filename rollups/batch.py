@@ -94,11 +94,13 @@ async def roll_accounts(
                 return
             await _batch(roller, some, {a: heads[a] for a in some}, minute, out, retry=True)
 
+    ahead: set[str] = set()  # this call's read-ahead (partitions are rolled at once)
     try:
-        await prefetch(roller, heads.values(), minute)
+        await prefetch(roller, heads.values(), minute, ahead)
         await asyncio.gather(*(one(b) for b in batches))
     finally:
-        roller.prefetched.clear()
+        for doc_id in ahead:
+            roller.prefetched.pop(doc_id, None)
         await roller.swept()
     return out
 
@@ -188,12 +190,15 @@ async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]
         await pipe.execute()
 
 
-async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
+async def prefetch(roller: Roller, heads: Collection[Head], minute: int,
+                   ahead: set[str] | None = None) -> int:  # fmt: skip
     """Read the buckets leaving a window at ``minute`` that many of these accounts need
     and the roller does not keep: one query per bucket start and rollup partition
     (equality on both, one index), instead of one read per account. How many were read;
     the rest (buckets written under another ``ROLLUP_PARTITIONS``) are read by their
-    start alone if many are left, else by the rollover that needs them."""
+    start alone if many are left, else by the rollover that needs them. The ids read
+    are added to ``ahead``, for the caller to drop from ``roller.prefetched``."""
+    ahead = set() if ahead is None else ahead
     wanted: dict[tuple[Resolution, int, str], set[str]] = {}
     for head in heads:
         if head.minute is None or head.minute >= minute:
@@ -211,19 +216,21 @@ async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
     for (resolution, start, lane), ids in wanted.items():
         if len(ids) >= PREFETCH_FROM:
             query = {"start": to_datetime(start), "rollup_partition": lane}
-            found += await _read_ahead(roller, resolution, query, ids)
+            found += await _read_ahead(roller, resolution, query, ids, ahead)
         by_start.setdefault((resolution, start), set()).update(ids - roller.prefetched.keys())
     for (resolution, start), ids in by_start.items():
         if len(ids) >= PREFETCH_FROM:
-            found += await _read_ahead(roller, resolution, {"start": to_datetime(start)}, ids)
+            query = {"start": to_datetime(start)}
+            found += await _read_ahead(roller, resolution, query, ids, ahead)
     return found
 
 
 async def _read_ahead(roller: Roller, resolution: Resolution, query: dict[str, object],
-                      ids: set[str]) -> int:  # fmt: skip
+                      ids: set[str], ahead: set[str]) -> int:  # fmt: skip
     found = 0
     async for doc in roller.db[COLLECTIONS[resolution]].find(query, {"_id": 1, **PROJECTION}):
         if doc["_id"] in ids:
             roller.prefetched[doc["_id"]] = Packed.of(doc).unpack()
+            ahead.add(doc["_id"])
             found += 1
     return found
