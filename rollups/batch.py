@@ -45,6 +45,7 @@ from core.buckets import (
     window_start,
 )
 from core.rollup_docs import COLLECTIONS, PROJECTION, Head
+from core.tail import TailEntry
 from rollups.rollover import TRIM_MANY, Draft, Roller, next_change, starts_between
 from rollups.sweep import RETIRE_AFTER_MS, retire_due
 
@@ -132,7 +133,7 @@ async def _batch(roller: Roller, accounts: Sequence[str], heads: dict[str, Head]
     for draft in published.won:
         for kind, written in draft.docs.items():
             out.documents[kind] = out.documents.get(kind, 0) + len(written)
-    await _after(roller, published.won, untouched)
+    await _after(roller, published.won, [(h, tails[h.account_id]) for h in untouched])
     for draft, error in published.failed:
         _failed(out, draft.new.account_id, error)
     if published.fenced:
@@ -159,17 +160,20 @@ def _failed(out: Outcome, account: str, error: BaseException) -> None:
     log.warning("rolling account %s failed: %s", account, error)
 
 
-async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]) -> None:
+async def _after(roller: Roller, won: Sequence[Draft],
+                 untouched: Sequence[tuple[Head, list[TailEntry]]]) -> None:  # fmt: skip
     """The tail trims (the head copies are in Redis already) and the schedules, in one
     pipelined call: a script call per stream partition for the trims, a ``ZADD`` (and
-    ``ZREM``) per rollup partition for the schedules."""
+    ``ZREM``) per rollup partition for the schedules. An untouched account's tail is
+    trimmed too: its head may have been published by a process that died before
+    trimming (a partition taken over), and its entries wait for no other rollover."""
     settings = roller.settings
     await roller.redis.script_load(TRIM_MANY)
     retire_at = time.time() * 1000 + RETIRE_AFTER_MS
     due: dict[str, dict[str, float]] = {}  # schedule -> account -> minute
     done: dict[str, list[str]] = {}  # schedule -> accounts with nothing ahead
     retire: dict[str, dict[str, float]] = {}  # retire schedule -> account -> when
-    for head in [d.new for d in won] + list(untouched):
+    for head in [d.new for d in won] + [h for h, _ in untouched]:
         partition = roller.partition_of(head.account_id)
         change = next_change(head)
         key = keys.rollup_schedule(settings, partition)
@@ -181,7 +185,7 @@ async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]
         if retire_due(draft.new):
             key = keys.rollup_retire(settings, roller.partition_of(draft.new.account_id))
             retire.setdefault(key, {})[draft.new.account_id] = retire_at
-    calls = roller.many_trims_calls(won)
+    calls = roller.many_trims_calls([(d.new, d.entries) for d in won] + list(untouched))
     calls += [("zadd", (key, members)) for key, members in (*due.items(), *retire.items())]
     calls += [("zrem", (key, *accounts)) for key, accounts in done.items()]
     async with roller.redis.pipeline(transaction=False) as pipe:

@@ -737,15 +737,18 @@ class Roller:
         for trim_keys, args in self.trim_calls(account_id, entries, head):
             await self._trim(keys=trim_keys, args=args)
 
-    def many_trims_calls(self, rolled: Sequence[Draft]) -> list[tuple[str, tuple[Any, ...]]]:
-        """The tail trims of many rollovers as pipeline calls (method, arguments): one
-        ``TRIM_MANY`` script call per stream partition for up to ``KEEP_HEAD_CALLS``
-        accounts (their tails and dirty sets share its slot). Needs ``TRIM_MANY`` loaded
-        in Redis first (``rollups/batch.py`` does)."""
+    def many_trims_calls(
+        self, rolled: Sequence[tuple[Head, list[TailEntry]]]
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """The tail trims of many accounts' heads (each with the tail read for it) as
+        pipeline calls (method, arguments): one ``TRIM_MANY`` script call per stream
+        partition for up to ``KEEP_HEAD_CALLS`` accounts (their tails and dirty sets share
+        its slot). Needs ``TRIM_MANY`` loaded in Redis first (``rollups/batch.py`` does)."""
         groups: dict[str, list[tuple[list[str], list[str]]]] = {}
-        for draft in rolled:
-            head = draft.new
-            for trim_keys, args in self.trim_calls(head.account_id, draft.entries, head):
+        for head, entries in rolled:
+            if head.minute is None:
+                continue  # never rolled: nothing applied
+            for trim_keys, args in self.trim_calls(head.account_id, entries, head):
                 groups.setdefault(trim_keys[0].partition("}")[0], []).append((trim_keys, args))
         calls: list[tuple[str, tuple[Any, ...]]] = []
         sha = self._trim_many.sha

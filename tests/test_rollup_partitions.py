@@ -158,6 +158,29 @@ async def test_a_batched_pass_over_every_partition_is_exact(running: Running) ->
         await assert_exact(running, account, ms(now))
 
 
+async def test_a_pass_trims_the_tail_a_dead_process_published_but_left(
+    running: Running,
+) -> None:
+    """A process that published an account's head and died before trimming its tail
+    leaves entries the head applied; the pass of the process that takes the partition
+    over finds nothing to roll for that minute, and trims them (they wait for no other
+    rollover, and keep the account in its dirty set)."""
+    settings = running.settings
+    now = datetime.now(UTC)
+    account = unique("untrimmed")
+    await store_all(running, account, spread(account, now, 30, timedelta(hours=2)), 30)
+    minute = floor(ms(now), "minute")
+    dead = Roller(running.db, running.redis, settings)
+    head, entries = await dead.head(account), await dead.read_tail(account)
+    assert await dead._roll(head, entries, minute, {}) is not None  # published, not trimmed
+    assert running.backends.tail_entries(account) == len(entries) > 0
+    successor = Roller(running.db, running.redis, settings)
+    outcome = await roll_accounts(successor, [account], minute)
+    assert (outcome.rolled, outcome.untouched, outcome.failed) == (0, 1, 0)
+    assert running.backends.tail_entries(account) == 0
+    await assert_exact(running, account, ms(now))
+
+
 class ReturnedDocuments(monitoring.CommandListener):
     """How many documents the store returned to finds on one collection."""
 
