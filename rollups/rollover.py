@@ -51,20 +51,16 @@ from core.buckets import (
 from core.connections import Redis
 from core.rollup_docs import (
     COLLECTIONS,
-    WINDOW_SET_ENTRIES,
     Head,
     Kind,
     Series,
     bucket_id,
     document,
-    document_of,
     index_id,
     read_head,
     read_packed,
     read_series,
     window_id,
-    window_ref,
-    window_set_id,
 )
 from core.settings import Settings
 from core.store import DUPLICATE_KEY, Database, Document
@@ -250,9 +246,6 @@ class Roller:
     def partition_of(self, account_id: str) -> int:
         return keys.rollup_partition_of(self.settings, account_id)
 
-    def lane(self, account_id: str) -> str:
-        return keys.rollup_lane(self.settings, self.partition_of(account_id))
-
     def token(self, account_id: str) -> int:
         """The fencing token this roller writes the account's heads under."""
         return self.fence.get(self.partition_of(account_id), 0)
@@ -425,7 +418,6 @@ class Roller:
     async def _move_windows(self, draft: Draft) -> None:
         old, new = draft.old, draft.new
         assert new.minute is not None
-        moved: dict[str, Counts] = {}
         for window in WINDOWS:
             start = window_start(window, new.minute)
             entering = [c for m, c in draft.applied.items() if start <= m]
@@ -439,53 +431,22 @@ class Roller:
                     leaving.append(await self._counts(resolution, doc_id))
             if not entering and not leaving:
                 continue
-            counts = (await self._counts("window", old.windows.get(window))).copy()
+            current_id = old.windows.get(window)
+            counts = (await self._counts("window", current_id)).copy()
             for gone in leaving:
                 counts.merge(gone, -1)
             for came in entering:
                 counts.merge(came)
-            moved[window] = counts
-        if not moved:
-            return
-        every = {w: moved[w] if w in moved else await self._counts("window", old.windows[w])
-                 for w in WINDOWS if w in moved or w in old.windows}  # fmt: skip
-        every = {w: counts for w, counts in every.items() if counts}
-        if sum(_entries(counts) for counts in every.values()) <= WINDOW_SET_ENTRIES:
-            self._write_window_set(draft, every)
-        else:
-            self._write_windows(draft, moved)
-        named = {document_of(ref) for ref in new.windows.values()}
-        superseded = {document_of(ref) for ref in old.windows.values()} - named
-        draft.retired.extend(("window", doc_id) for doc_id in sorted(superseded))
-
-    def _write_window_set(self, draft: Draft, every: dict[str, Counts]) -> None:
-        """All the account's non-empty windows in one document (a window set)."""
-        new = draft.new
-        assert new.minute is not None
-        set_id = window_set_id(new.account_id, new.minute, draft.tag)
-        new.windows = {window: window_ref(set_id, window) for window in every}
-        for window, counts in every.items():
-            self.cache.put(new.windows[window], counts)
-        if every:
-            packed = {window: pack(counts) for window, counts in every.items()}
-            draft.docs["window"].append(document("window", set_id, new.account_id, new.minute,
-                                                 {"windows": packed}, minute=new.minute,
-                                                 v=new.version))  # fmt: skip
-
-    def _write_windows(self, draft: Draft, moved: dict[str, Counts]) -> None:
-        """A document for each window that moved (windows too large to share one)."""
-        new = draft.new
-        assert new.minute is not None
-        for window, counts in moved.items():
+            if current_id:
+                draft.retired.append(("window", current_id))
             if not counts:
                 new.windows.pop(window, None)
                 continue
             doc_id = window_id(new.account_id, window, new.minute, draft.tag)
             new.windows[window] = doc_id
             self.cache.put(doc_id, counts)
-            aggregate = document("window", doc_id, new.account_id,
-                                 window_start(window, new.minute), pack(counts), window=window,
-                                 minute=new.minute, v=new.version)  # fmt: skip
+            aggregate = document("window", doc_id, new.account_id, start, pack(counts),
+                                 window=window, minute=new.minute, v=new.version)  # fmt: skip
             draft.docs["window"].append(aggregate)
 
     async def _write_buckets(self, draft: Draft) -> None:
@@ -527,9 +488,8 @@ class Roller:
         if current_id:
             draft.retired.append((resolution, current_id))
         self.cache.put(doc_id, counts)
-        draft.docs[resolution].append(document(
-            resolution, doc_id, new.account_id, start, pack(counts),
-            rollup_partition=self.lane(new.account_id), **extra))  # fmt: skip
+        draft.docs[resolution].append(document(resolution, doc_id, new.account_id, start,
+                                               pack(counts), **extra))  # fmt: skip
 
     async def _series(self, doc_id: str | None) -> Series:
         if doc_id is None:
@@ -737,18 +697,15 @@ class Roller:
         for trim_keys, args in self.trim_calls(account_id, entries, head):
             await self._trim(keys=trim_keys, args=args)
 
-    def many_trims_calls(
-        self, rolled: Sequence[tuple[Head, list[TailEntry]]]
-    ) -> list[tuple[str, tuple[Any, ...]]]:
-        """The tail trims of many accounts' heads (each with the tail read for it) as
-        pipeline calls (method, arguments): one ``TRIM_MANY`` script call per stream
-        partition for up to ``KEEP_HEAD_CALLS`` accounts (their tails and dirty sets share
-        its slot). Needs ``TRIM_MANY`` loaded in Redis first (``rollups/batch.py`` does)."""
+    def many_trims_calls(self, rolled: Sequence[Draft]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The tail trims of many rollovers as pipeline calls (method, arguments): one
+        ``TRIM_MANY`` script call per stream partition for up to ``KEEP_HEAD_CALLS``
+        accounts (their tails and dirty sets share its slot). Needs ``TRIM_MANY`` loaded
+        in Redis first (``rollups/batch.py`` does)."""
         groups: dict[str, list[tuple[list[str], list[str]]]] = {}
-        for head, entries in rolled:
-            if head.minute is None:
-                continue  # never rolled: nothing applied
-            for trim_keys, args in self.trim_calls(head.account_id, entries, head):
+        for draft in rolled:
+            head = draft.new
+            for trim_keys, args in self.trim_calls(head.account_id, draft.entries, head):
                 groups.setdefault(trim_keys[0].partition("}")[0], []).append((trim_keys, args))
         calls: list[tuple[str, tuple[Any, ...]]] = []
         sha = self._trim_many.sha
@@ -783,9 +740,8 @@ async def _insert_all(
 
 
 def _binary_bytes(doc: Document) -> int:
-    """Roughly what a rollup document weighs: its packed fields (a window set's too)."""
-    return sum(len(v) if isinstance(v, bytes) else _binary_bytes(v) if isinstance(v, dict)
-               else 0 for v in doc.values())  # fmt: skip
+    """Roughly what a rollup document weighs: its packed fields."""
+    return sum(len(v) for v in doc.values() if isinstance(v, bytes))
 
 
 def _advanced(applied: dict[int, StreamId], entries: list[TailEntry]) -> dict[int, StreamId]:
