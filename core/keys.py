@@ -105,6 +105,13 @@ def rollup_partition_of(settings: Settings, account_id: str) -> int:
     return zlib.crc32(account_id.encode(), _ROLLUP_SEED) % settings.rollup_partitions
 
 
+def rollup_lane(settings: Settings, rollup_partition: int) -> str:
+    """A rollup partition named with the layout it belongs to (``"3/8"``): what a bucket
+    document records, so a pass reads one partition's buckets by their start (a bucket
+    written under another ``ROLLUP_PARTITIONS`` is simply not found that way)."""
+    return f"{rollup_partition}/{settings.rollup_partitions}"
+
+
 def dirty_set(settings: Settings, part: Partition, rollup_partition: int) -> str:
     """Accounts of one rollup partition with tail entries in this stream partition that
     the rollups have not applied yet."""

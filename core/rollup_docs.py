@@ -4,9 +4,12 @@ Per account there is one current **head** (``rollup_heads``): the minute ``S``
 its aggregates end at, which tail entries they include (the last applied id per
 stream partition), and the ids of the documents that hold its figures:
 
-- one **window aggregate** per window (``rollup_windows``): the exact counts of
-  ``[window_start(w, S), S)``, so a summary reads one of them, not hundreds of
-  buckets;
+- the **window aggregates** (``rollup_windows``): the exact counts of
+  ``[window_start(w, S), S)`` for each window, so a summary reads one of them, not
+  hundreds of buckets. While an account's windows are small (``WINDOW_SET_ENTRIES``)
+  all six are one **window set** document (a head names ``<set id>#<window>``): one
+  row a rollover instead of six, which is most of what the store spends on rollups;
+  larger ones each have a document of their own (one 16 MiB document each);
 - its non-empty **minute** and **hour buckets** (``rollup_minutes``,
   ``rollup_hours``), which the rollup job subtracts as windows move on, and
   which time series read.
@@ -51,6 +54,11 @@ COLLECTIONS: dict[Kind, str] = {
     "index": keys.INDEXES,
 }
 
+# the windows of an account whose six windows hold at most this many users and types
+# in all are written as one document (a window set); past it, one document each
+WINDOW_SET_ENTRIES = 20_000
+WINDOW_SET = "all"  # in a window set's id where a window's name is in the others'
+
 _encode = msgspec.msgpack.Encoder().encode
 _refs = msgspec.msgpack.Decoder(list[tuple[int, str]])
 _series_decoder = msgspec.msgpack.Decoder(dict[int, tuple[int, dict[str, int]]])
@@ -62,6 +70,21 @@ def bucket_id(account_id: str, resolution: Resolution, start: int, tag: str) -> 
 
 def window_id(account_id: str, window: str, minute: int, tag: str) -> str:
     return f"{account_id}|w|{window}|{minute}|{tag}"
+
+
+def window_set_id(account_id: str, minute: int, tag: str) -> str:
+    """The id of one document holding all of an account's windows (``WINDOW_SET``)."""
+    return f"{account_id}|w|{WINDOW_SET}|{minute}|{tag}"
+
+
+def window_ref(set_id: str, window: str) -> str:
+    """How a head names one window of a window set: ``<set id>#<window>``."""
+    return f"{set_id}#{window}"
+
+
+def document_of(ref: str) -> str:
+    """The id of the document a head's window reference is in (ids hold no ``#``)."""
+    return ref.partition("#")[0]
 
 
 def index_id(account_id: str, tag: str) -> str:
@@ -131,7 +154,7 @@ class Head:
         return cls(
             account_id=doc["account_id"],
             version=int(doc["version"]),
-            minute=doc.get("minute"),
+            minute=None if doc.get("minute") is None else int(doc["minute"]),  # not bson's Int64
             applied={int(p): parse_id(i) for p, i in doc.get("applied", {}).items()},
             windows=dict(doc.get("windows", {})),
             index=doc.get("index"),
@@ -233,7 +256,13 @@ PROJECTION = dict.fromkeys(PACKED_FIELDS, 1)
 
 
 async def read_packed(db: Database, kind: Kind, doc_id: str) -> Packed | None:
-    """The counts of one rollup document; None when it no longer exists."""
+    """The counts of one rollup document, or of one window of a window set (``doc_id``
+    a window reference); None when it no longer exists."""
+    set_id, _, window = doc_id.partition("#")
+    if window:
+        found = await db[COLLECTIONS[kind]].find_one({"_id": set_id}, {"windows": 1})
+        part = found and found.get("windows", {}).get(window)
+        return Packed.of(part) if part else None
     doc = await db[COLLECTIONS[kind]].find_one({"_id": doc_id}, PROJECTION)
     return Packed.of(doc) if doc else None
 

@@ -45,7 +45,8 @@ from core.buckets import (
     window_start,
 )
 from core.rollup_docs import COLLECTIONS, PROJECTION, Head
-from rollups.rollover import TRIM_MANY, Draft, Roller, next_change, starts_between
+from core.tail import TailEntry
+from rollups.rollover import TRIM_MANY, Draft, Roller, applied_by, next_change, starts_between
 from rollups.sweep import RETIRE_AFTER_MS, retire_due
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,13 @@ async def roll_accounts(
                 return
             await _batch(roller, some, {a: heads[a] for a in some}, minute, out, retry=True)
 
+    ahead: set[str] = set()  # this call's read-ahead (partitions are rolled at once)
     try:
-        await prefetch(roller, heads.values(), minute)
+        await prefetch(roller, heads.values(), minute, ahead)
         await asyncio.gather(*(one(b) for b in batches))
     finally:
-        roller.prefetched.clear()
+        for doc_id in ahead:
+            roller.prefetched.pop(doc_id, None)
         await roller.swept()
     return out
 
@@ -130,7 +133,7 @@ async def _batch(roller: Roller, accounts: Sequence[str], heads: dict[str, Head]
     for draft in published.won:
         for kind, written in draft.docs.items():
             out.documents[kind] = out.documents.get(kind, 0) + len(written)
-    await _after(roller, published.won, untouched)
+    await _after(roller, published.won, [(h, tails[h.account_id]) for h in untouched])
     for draft, error in published.failed:
         _failed(out, draft.new.account_id, error)
     if published.fenced:
@@ -157,17 +160,22 @@ def _failed(out: Outcome, account: str, error: BaseException) -> None:
     log.warning("rolling account %s failed: %s", account, error)
 
 
-async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]) -> None:
-    """The tail trims (the head copies are in Redis already) and the schedules, in one
-    pipelined call: a script call per stream partition for the trims, a ``ZADD`` (and
-    ``ZREM``) per rollup partition for the schedules."""
+async def _after(roller: Roller, won: Sequence[Draft],
+                 untouched: Sequence[tuple[Head, list[TailEntry]]]) -> None:  # fmt: skip
+    """The tail trims (the new heads' copies are in Redis already) and the schedules, in
+    one pipelined call: a script call per stream partition for the trims, a ``ZADD``
+    (and ``ZREM``) per rollup partition for the schedules. An untouched account's tail
+    is trimmed too: its head may have been published by a process that died before
+    trimming (a partition taken over), and its entries wait for no other rollover; that
+    process may have died before copying the head too, so older copies are raised
+    first (a reader of the copy before needs the entries)."""
     settings = roller.settings
     await roller.redis.script_load(TRIM_MANY)
     retire_at = time.time() * 1000 + RETIRE_AFTER_MS
     due: dict[str, dict[str, float]] = {}  # schedule -> account -> minute
     done: dict[str, list[str]] = {}  # schedule -> accounts with nothing ahead
     retire: dict[str, dict[str, float]] = {}  # retire schedule -> account -> when
-    for head in [d.new for d in won] + list(untouched):
+    for head in [d.new for d in won] + [h for h, _ in untouched]:
         partition = roller.partition_of(head.account_id)
         change = next_change(head)
         key = keys.rollup_schedule(settings, partition)
@@ -179,7 +187,10 @@ async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]
         if retire_due(draft.new):
             key = keys.rollup_retire(settings, roller.partition_of(draft.new.account_id))
             retire.setdefault(key, {})[draft.new.account_id] = retire_at
-    calls = roller.many_trims_calls(won)
+    # the copies first: a reader of an older copy needs the entries these heads applied
+    await roller.raise_copies([h for h, entries in untouched
+                               if h.minute is not None and applied_by(h, entries)])  # fmt: skip
+    calls = roller.many_trims_calls([(d.new, d.entries) for d in won] + list(untouched))
     calls += [("zadd", (key, members)) for key, members in (*due.items(), *retire.items())]
     calls += [("zrem", (key, *accounts)) for key, accounts in done.items()]
     async with roller.redis.pipeline(transaction=False) as pipe:
@@ -188,30 +199,47 @@ async def _after(roller: Roller, won: Sequence[Draft], untouched: Sequence[Head]
         await pipe.execute()
 
 
-async def prefetch(roller: Roller, heads: Collection[Head], minute: int) -> int:
+async def prefetch(roller: Roller, heads: Collection[Head], minute: int,
+                   ahead: set[str] | None = None) -> int:  # fmt: skip
     """Read the buckets leaving a window at ``minute`` that many of these accounts need
-    and the roller does not keep: one query per bucket start (equality on the indexed
-    ``start``: what retention uses), instead of one read per account. How many were
-    read; the rest are read by the rollover that needs them."""
-    wanted: dict[tuple[Resolution, int], set[str]] = {}
+    and the roller does not keep: one query per bucket start and rollup partition
+    (equality on both, one index), instead of one read per account. How many were read;
+    the rest (buckets written under another ``ROLLUP_PARTITIONS``) are read by their
+    start alone if many are left, else by the rollover that needs them. The ids read
+    are added to ``ahead``, for the caller to drop from ``roller.prefetched``."""
+    ahead = set() if ahead is None else ahead
+    wanted: dict[tuple[Resolution, int, str], set[str]] = {}
     for head in heads:
         if head.minute is None or head.minute >= minute:
             continue
+        lane = roller.lane(head.account_id)
         for window in WINDOWS:
             resolution = leaving_resolution(window)
             gone_from, gone_to = window_start(window, head.minute), window_start(window, minute)
             for start in starts_between(head.buckets(resolution), gone_from, gone_to, resolution):
                 doc_id = head.bucket_doc_id(resolution, start)
                 if doc_id is not None and roller.cache.get(doc_id) is None:
-                    wanted.setdefault((resolution, start), set()).add(doc_id)
+                    wanted.setdefault((resolution, start, lane), set()).add(doc_id)
     found = 0
-    for (resolution, start), ids in wanted.items():
-        if len(ids) < PREFETCH_FROM:
-            continue
-        cursor = roller.db[COLLECTIONS[resolution]].find({"start": to_datetime(start)},
-                                                         {"_id": 1, **PROJECTION})  # fmt: skip
-        async for doc in cursor:
-            if doc["_id"] in ids:
-                roller.prefetched[doc["_id"]] = Packed.of(doc).unpack()
-                found += 1
+    by_start: dict[tuple[Resolution, int], set[str]] = {}
+    for (resolution, start, lane), ids in wanted.items():
+        if len(ids) >= PREFETCH_FROM:
+            query = {"start": to_datetime(start), "rollup_partition": lane}
+            found += await _read_ahead(roller, resolution, query, ids, ahead)
+        by_start.setdefault((resolution, start), set()).update(ids - roller.prefetched.keys())
+    for (resolution, start), ids in by_start.items():
+        if len(ids) >= PREFETCH_FROM:
+            query = {"start": to_datetime(start)}
+            found += await _read_ahead(roller, resolution, query, ids, ahead)
+    return found
+
+
+async def _read_ahead(roller: Roller, resolution: Resolution, query: dict[str, object],
+                      ids: set[str], ahead: set[str]) -> int:  # fmt: skip
+    found = 0
+    async for doc in roller.db[COLLECTIONS[resolution]].find(query, {"_id": 1, **PROJECTION}):
+        if doc["_id"] in ids:
+            roller.prefetched[doc["_id"]] = Packed.of(doc).unpack()
+            ahead.add(doc["_id"])
+            found += 1
     return found

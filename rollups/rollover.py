@@ -51,16 +51,20 @@ from core.buckets import (
 from core.connections import Redis
 from core.rollup_docs import (
     COLLECTIONS,
+    WINDOW_SET_ENTRIES,
     Head,
     Kind,
     Series,
     bucket_id,
     document,
+    document_of,
     index_id,
     read_head,
     read_packed,
     read_series,
     window_id,
+    window_ref,
+    window_set_id,
 )
 from core.settings import Settings
 from core.store import DUPLICATE_KEY, Database, Document
@@ -110,6 +114,20 @@ _KEEP_HEADS = """
 for i = 1, #KEYS do
   local kept = tonumber(redis.call('HGET', KEYS[i], 'v') or '0')
   if tonumber(ARGV[2 * i]) > kept then
+    redis.call('HSET', KEYS[i], 'v', ARGV[2 * i], 'h', ARGV[2 * i + 1])
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return 1
+"""
+
+# _KEEP_HEADS for copies that exist only: a head that wrote nothing (its rollover was
+# published by a process that died before copying it) raises a copy readers still
+# hold, and never puts back one that lapsed (readers then read the store's newest).
+_RAISE_HEADS = """
+for i = 1, #KEYS do
+  local kept = tonumber(redis.call('HGET', KEYS[i], 'v') or '0')
+  if kept > 0 and tonumber(ARGV[2 * i]) > kept then
     redis.call('HSET', KEYS[i], 'v', ARGV[2 * i], 'h', ARGV[2 * i + 1])
     redis.call('EXPIRE', KEYS[i], ARGV[1])
   end
@@ -245,6 +263,9 @@ class Roller:
 
     def partition_of(self, account_id: str) -> int:
         return keys.rollup_partition_of(self.settings, account_id)
+
+    def lane(self, account_id: str) -> str:
+        return keys.rollup_lane(self.settings, self.partition_of(account_id))
 
     def token(self, account_id: str) -> int:
         """The fencing token this roller writes the account's heads under."""
@@ -418,6 +439,7 @@ class Roller:
     async def _move_windows(self, draft: Draft) -> None:
         old, new = draft.old, draft.new
         assert new.minute is not None
+        moved: dict[str, Counts] = {}
         for window in WINDOWS:
             start = window_start(window, new.minute)
             entering = [c for m, c in draft.applied.items() if start <= m]
@@ -431,22 +453,53 @@ class Roller:
                     leaving.append(await self._counts(resolution, doc_id))
             if not entering and not leaving:
                 continue
-            current_id = old.windows.get(window)
-            counts = (await self._counts("window", current_id)).copy()
+            counts = (await self._counts("window", old.windows.get(window))).copy()
             for gone in leaving:
                 counts.merge(gone, -1)
             for came in entering:
                 counts.merge(came)
-            if current_id:
-                draft.retired.append(("window", current_id))
+            moved[window] = counts
+        if not moved:
+            return
+        every = {w: moved[w] if w in moved else await self._counts("window", old.windows[w])
+                 for w in WINDOWS if w in moved or w in old.windows}  # fmt: skip
+        every = {w: counts for w, counts in every.items() if counts}
+        if sum(_entries(counts) for counts in every.values()) <= WINDOW_SET_ENTRIES:
+            self._write_window_set(draft, every)
+        else:
+            self._write_windows(draft, moved)
+        named = {document_of(ref) for ref in new.windows.values()}
+        superseded = {document_of(ref) for ref in old.windows.values()} - named
+        draft.retired.extend(("window", doc_id) for doc_id in sorted(superseded))
+
+    def _write_window_set(self, draft: Draft, every: dict[str, Counts]) -> None:
+        """All the account's non-empty windows in one document (a window set)."""
+        new = draft.new
+        assert new.minute is not None
+        set_id = window_set_id(new.account_id, new.minute, draft.tag)
+        new.windows = {window: window_ref(set_id, window) for window in every}
+        for window, counts in every.items():
+            self.cache.put(new.windows[window], counts)
+        if every:
+            packed = {window: pack(counts) for window, counts in every.items()}
+            draft.docs["window"].append(document("window", set_id, new.account_id, new.minute,
+                                                 {"windows": packed}, minute=new.minute,
+                                                 v=new.version))  # fmt: skip
+
+    def _write_windows(self, draft: Draft, moved: dict[str, Counts]) -> None:
+        """A document for each window that moved (windows too large to share one)."""
+        new = draft.new
+        assert new.minute is not None
+        for window, counts in moved.items():
             if not counts:
                 new.windows.pop(window, None)
                 continue
             doc_id = window_id(new.account_id, window, new.minute, draft.tag)
             new.windows[window] = doc_id
             self.cache.put(doc_id, counts)
-            aggregate = document("window", doc_id, new.account_id, start, pack(counts),
-                                 window=window, minute=new.minute, v=new.version)  # fmt: skip
+            aggregate = document("window", doc_id, new.account_id,
+                                 window_start(window, new.minute), pack(counts), window=window,
+                                 minute=new.minute, v=new.version)  # fmt: skip
             draft.docs["window"].append(aggregate)
 
     async def _write_buckets(self, draft: Draft) -> None:
@@ -488,8 +541,9 @@ class Roller:
         if current_id:
             draft.retired.append((resolution, current_id))
         self.cache.put(doc_id, counts)
-        draft.docs[resolution].append(document(resolution, doc_id, new.account_id, start,
-                                               pack(counts), **extra))  # fmt: skip
+        draft.docs[resolution].append(document(
+            resolution, doc_id, new.account_id, start, pack(counts),
+            rollup_partition=self.lane(new.account_id), **extra))  # fmt: skip
 
     async def _series(self, doc_id: str | None) -> Series:
         if doc_id is None:
@@ -650,7 +704,13 @@ class Roller:
         buckets = set(head.rewritten) | buckets_of(head.retired)
         return await retire_superseded(self.db, head, named_by(head), sorted(buckets))
 
-    async def _keep_heads(self, heads: Sequence[Head]) -> None:
+    async def raise_copies(self, heads: Sequence[Head]) -> None:
+        """Raise the Redis copies older than these heads (read from the store), before
+        trimming the tail entries they applied: a process that published a head and died
+        before copying it left readers the copy before, which needs those entries."""
+        await self._keep_heads(heads, _RAISE_HEADS)
+
+    async def _keep_heads(self, heads: Sequence[Head], script: str = _KEEP_HEADS) -> None:
         """Keep the new heads' copies in Redis: one script call per stream partition (the
         slot of the copies) for up to ``KEEP_HEAD_CALLS`` heads, pipelined."""
         if not heads:
@@ -662,7 +722,7 @@ class Roller:
             copies, args = groups.setdefault(part.tag, ([], [ttl]))
             copies.append(part.head(head.account_id))
             args += [head.version, head.copy()]
-        sha = await self.redis.script_load(_KEEP_HEADS)
+        sha = await self.redis.script_load(script)
         async with self.redis.pipeline(transaction=False) as pipe:
             for copies, args in groups.values():
                 for start in range(0, len(copies), KEEP_HEAD_CALLS):
@@ -683,11 +743,9 @@ class Roller:
                    head: Head) -> list[tuple[list[str], list[str]]]:  # fmt: skip
         """The ``_TRIM`` calls (keys, args) that drop the tail entries ``head`` applied and
         needs no more, one per stream partition."""
-        assert head.minute is not None
         by_partition: dict[int, list[str]] = {}
-        for entry in entries:
-            if entry.entry_id <= head.applied_id(entry.partition) and entry.newest < head.minute:
-                by_partition.setdefault(entry.partition, []).append(format_id(entry.entry_id))
+        for entry in applied_by(head, entries):
+            by_partition.setdefault(entry.partition, []).append(format_id(entry.entry_id))
         dirty = self.partition_of(account_id)
         return [([part.tail(account_id), keys.dirty_set(self.settings, part, dirty)],
                  [account_id, *by_partition.get(part.index, [])])
@@ -697,15 +755,18 @@ class Roller:
         for trim_keys, args in self.trim_calls(account_id, entries, head):
             await self._trim(keys=trim_keys, args=args)
 
-    def many_trims_calls(self, rolled: Sequence[Draft]) -> list[tuple[str, tuple[Any, ...]]]:
-        """The tail trims of many rollovers as pipeline calls (method, arguments): one
-        ``TRIM_MANY`` script call per stream partition for up to ``KEEP_HEAD_CALLS``
-        accounts (their tails and dirty sets share its slot). Needs ``TRIM_MANY`` loaded
-        in Redis first (``rollups/batch.py`` does)."""
+    def many_trims_calls(
+        self, rolled: Sequence[tuple[Head, list[TailEntry]]]
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """The tail trims of many accounts' heads (each with the tail read for it) as
+        pipeline calls (method, arguments): one ``TRIM_MANY`` script call per stream
+        partition for up to ``KEEP_HEAD_CALLS`` accounts (their tails and dirty sets share
+        its slot). Needs ``TRIM_MANY`` loaded in Redis first (``rollups/batch.py`` does)."""
         groups: dict[str, list[tuple[list[str], list[str]]]] = {}
-        for draft in rolled:
-            head = draft.new
-            for trim_keys, args in self.trim_calls(head.account_id, draft.entries, head):
+        for head, entries in rolled:
+            if head.minute is None:
+                continue  # never rolled: nothing applied
+            for trim_keys, args in self.trim_calls(head.account_id, entries, head):
                 groups.setdefault(trim_keys[0].partition("}")[0], []).append((trim_keys, args))
         calls: list[tuple[str, tuple[Any, ...]]] = []
         sha = self._trim_many.sha
@@ -739,9 +800,17 @@ async def _insert_all(
         return refused
 
 
+def applied_by(head: Head, entries: list[TailEntry]) -> list[TailEntry]:
+    """The tail entries ``head`` applied and needs no more (a rollover's trim)."""
+    assert head.minute is not None
+    minute = head.minute
+    return [e for e in entries if e.entry_id <= head.applied_id(e.partition) and e.newest < minute]
+
+
 def _binary_bytes(doc: Document) -> int:
-    """Roughly what a rollup document weighs: its packed fields."""
-    return sum(len(v) for v in doc.values() if isinstance(v, bytes))
+    """Roughly what a rollup document weighs: its packed fields (a window set's too)."""
+    return sum(len(v) if isinstance(v, bytes) else _binary_bytes(v) if isinstance(v, dict)
+               else 0 for v in doc.values())  # fmt: skip
 
 
 def _advanced(applied: dict[int, StreamId], entries: list[TailEntry]) -> dict[int, StreamId]:

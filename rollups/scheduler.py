@@ -58,6 +58,7 @@ from rollups.sweep import Sweep
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY_SECONDS = 60.0
+PARTITIONS_AT_ONCE = 2  # held partitions a pass rolls at the same time
 
 # Keep the largest ROLLUP_PARTITIONS any process ran with. KEYS: layouts; ARGV: count
 _LAYOUT = """
@@ -69,7 +70,10 @@ return seen
 
 async def ensure_rollup_indexes(db: Database) -> None:
     for name in (keys.MINUTES, keys.HOURS):
-        await db[name].create_index([("start", ASCENDING)])  # retention
+        # retention (by start), and a pass's read-ahead (by start in one rollup partition)
+        await db[name].create_index([("start", ASCENDING), ("rollup_partition", ASCENDING)])
+        if "start_1" in await db[name].index_information():  # the index of before
+            await db[name].drop_index("start_1")
     await db[keys.HOURS].create_index([("account_id", ASCENDING)])  # time series
     await db[keys.HEADS].create_index([("account_id", ASCENDING), ("version", DESCENDING)])
     for name in (keys.MINUTES, keys.WINDOWS, keys.INDEXES):
@@ -192,14 +196,23 @@ class RollupsProcess(Worker):
         return await self._roll_partitions(sorted(self.leases.held), minute)
 
     async def _roll_partitions(self, partitions: Iterable[int], minute: int) -> tuple[int, int]:
-        rolled = failed = 0
-        for partition in partitions:
-            if not self.keeps(partition):
-                continue
-            outcome = await self.roll_partition(partition, minute)
-            rolled += outcome.rolled
-            failed += outcome.failed
-        return rolled, failed
+        """``PARTITIONS_AT_ONCE`` partitions at a time: one partition's read-ahead and last
+        batches leave the store idle or the process waiting; another's fill the gap."""
+        gate = asyncio.Semaphore(PARTITIONS_AT_ONCE)
+
+        async def one(partition: int) -> Outcome | None:
+            async with gate:
+                if not self.keeps(partition):
+                    return None
+                return await self.roll_partition(partition, minute)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                started = [group.create_task(one(p)) for p in partitions]
+        except ExceptionGroup as failures:  # the first one, as a pass one by one raised it
+            raise failures.exceptions[0] from None
+        outcomes = [o for o in (task.result() for task in started) if o is not None]
+        return sum(o.rolled for o in outcomes), sum(o.failed for o in outcomes)
 
     async def roll_partition(self, partition: int, minute: int) -> Outcome:
         """One partition's pass: every due account, in batches, while it is ours."""

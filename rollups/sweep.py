@@ -44,7 +44,7 @@ from core import keys, metrics
 from core.buckets import to_datetime
 from core.connections import Redis
 from core.events import now_utc
-from core.rollup_docs import COLLECTIONS, Head, Kind, kind_and_id, read_head
+from core.rollup_docs import COLLECTIONS, Head, Kind, document_of, kind_and_id, read_head
 from core.settings import Settings
 from core.store import Database, Document
 
@@ -105,7 +105,7 @@ def named_by(head: Head | None) -> set[str]:
     """The ids of every document ``head`` reads: buckets, windows, index."""
     if head is None:
         return set()
-    named = set(head.windows.values())
+    named = {document_of(ref) for ref in head.windows.values()}
     for resolution in ("minute", "hour"):
         named.update(head.bucket_doc_id(resolution, s) or "" for s in head.buckets(resolution))
     if head.index:

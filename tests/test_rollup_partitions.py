@@ -9,24 +9,29 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import httpx
 import pytest
+from pymongo import AsyncMongoClient, monitoring
 
 from core import keys
 from core.buckets import MINUTE, WINDOWS, floor, ms
 from core.rollup_docs import Head
-from rollups.batch import roll_accounts
+from rollups.batch import PREFETCH_FROM, prefetch, roll_accounts
 from rollups.lease import Leases, holder
 from rollups.rollover import HeadConflict, Roller
+from service.snapshot import read_snapshot
+from service.summary import figures_at
 from tests.conftest import AppFactory, Running, ServiceFactory
 from tests.harness import Service
 from tests.oracle import figures, ground_truth, parse_iso
 from tests.support import Backends, drained, eventually, iso, unique, wait_for
-from tests.test_rollups import assert_exact, spread, store_all
+from tests.test_rollups import as_dict, assert_exact, spread, store_all, truth
+from tests.test_rollups import event as one_event
 
 Doc = dict[str, Any]
 PARTITIONS = 8
@@ -153,6 +158,140 @@ async def test_a_batched_pass_over_every_partition_is_exact(running: Running) ->
     for account in accounts:
         assert running.backends.tail_entries(account) == 0
         await assert_exact(running, account, ms(now))
+
+
+async def test_a_pass_trims_the_tail_a_dead_process_published_but_left(
+    running: Running,
+) -> None:
+    """A process that published an account's head in the store and died before copying
+    it to Redis (and before trimming) leaves entries the head applied, and readers
+    holding the older copy; the pass of the process that takes the partition over finds
+    nothing to roll for that minute, raises the copy, then trims (they wait for no other
+    rollover, and keep the account in its dirty set). A read of the copy and the tail,
+    as /summary's, stays exact at every step."""
+    settings = running.settings
+    now = datetime.now(UTC)
+    account = unique("untrimmed")
+    events = spread(account, now, 60, timedelta(hours=2))
+    await store_all(running, account, events[:30], 30)
+    minute = floor(ms(now), "minute")
+    dead = Roller(running.db, running.redis, settings)
+    assert await dead.roll(account, minute - MINUTE) is not None
+    copy_key = keys.head_copy(settings, account)
+    older_copy = await running.redis.hgetall(copy_key)
+    await store_all(running, account, events, 60)
+    head, entries = await dead.head(account), await dead.read_tail(account)
+    assert await dead._roll(head, entries, minute, {}) is not None  # published, not trimmed
+    await running.redis.hset(copy_key, mapping=older_copy)  # died before copying it
+    assert running.backends.tail_entries(account) == len(entries) > 0
+    await assert_exact_as_read(running, account)
+    successor = Roller(running.db, running.redis, settings)
+    outcome = await roll_accounts(successor, [account], minute)
+    assert (outcome.rolled, outcome.untouched, outcome.failed) == (0, 1, 0)
+    assert running.backends.tail_entries(account) == 0
+    await assert_exact_as_read(running, account)
+    await assert_exact(running, account, ms(now))
+
+
+async def test_raising_copies_never_puts_back_a_lapsed_one(running: Running) -> None:
+    """A head copy is raised only where one is kept: a lapsed copy stays lapsed (readers
+    read the store's newest head), an older one is raised, a newer one stays."""
+    settings = running.settings
+    now = datetime.now(UTC)
+    account = unique("copies")
+    await store_all(running, account, spread(account, now, 10, timedelta(hours=1)), 10)
+    roller = Roller(running.db, running.redis, settings)
+    rolled = await roller.roll(account, floor(ms(now), "minute"))
+    assert rolled is not None
+    head, copy_key = rolled.head, keys.head_copy(settings, account)
+    newer, newest = (replace(head, version=head.version + n) for n in (1, 2))
+    await running.redis.delete(copy_key)
+    await roller.raise_copies([head])
+    assert not await running.redis.exists(copy_key)
+    for kept, raised, expected in ((head, newer, newer), (newest, newer, newest)):
+        await running.redis.hset(copy_key, mapping={"v": kept.version, "h": kept.copy()})
+        await roller.raise_copies([raised])
+        assert int(await running.redis.hget(copy_key, "v")) == expected.version
+
+
+async def assert_exact_as_read(running: Running, account: str) -> None:
+    """Every window as /summary reads it (the head's Redis copy with the tail, at the
+    Redis clock) against the raw events."""
+    for window in WINDOWS:
+        snapshot = await read_snapshot(running.db, running.redis, running.settings, account)
+        got = as_dict(await figures_at(running.db, snapshot, account, window))
+        assert got == truth(running, account, window, snapshot.to), window
+
+
+class ReturnedDocuments(monitoring.CommandListener):
+    """How many documents the store returned to finds on one collection."""
+
+    def __init__(self, collection: str) -> None:
+        self.collection = collection
+        self.finds: dict[int, bool] = {}  # request id -> a find on the collection
+        self.returned = 0
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        name = event.command.get(event.command_name)
+        self.finds[event.request_id] = (
+            event.command_name in ("find", "getMore")
+            and (name == self.collection or event.command.get("collection") == self.collection)
+        )  # fmt: skip
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        if self.finds.pop(event.request_id, False):
+            cursor = event.reply.get("cursor", {})
+            self.returned += len(cursor.get("firstBatch", cursor.get("nextBatch", [])))
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self.finds.pop(event.request_id, None)
+
+
+async def test_a_pass_reads_ahead_only_its_partitions_buckets(running: Running) -> None:
+    """The buckets leaving a window are read by start and rollup partition: one
+    partition's pass reads its accounts' buckets, not every account's at that start
+    (with K processes, K times the rows); buckets written under another
+    ``ROLLUP_PARTITIONS`` are still found, by their start alone."""
+    settings = running.settings
+    minute = floor(ms(datetime.now(UTC)), "minute")
+    leaving = minute - WINDOWS["15m"]  # leaves the 15m window at the next minute
+    per_partition = {0: [], 1: []}  # type: dict[int, list[str]]
+    while any(len(names) < PREFETCH_FROM for names in per_partition.values()):
+        name = unique("ahead")
+        names = per_partition.get(keys.rollup_partition_of(settings, name))
+        if names is not None and len(names) < PREFETCH_FROM:
+            names.append(name)
+    ours, moved = per_partition[0], per_partition[1]
+    when = datetime.fromtimestamp((leaving + 5_000) / 1000, UTC)
+    response = await running.post([one_event(a, 0, when) for a in ours + moved])
+    assert response.status_code == 202, response.text
+    for account in ours + moved:
+        await eventually(drained(running.backends, account, 1), what=f"{account} stored")
+    # ``moved`` were rolled under another layout (4 partitions) before a change to 8
+    other_layout = replace(settings, rollup_partitions=4)
+    for roller, accounts in ((Roller(running.db, running.redis, settings), ours),
+                             (Roller(running.db, running.redis, other_layout), moved)):  # fmt: skip
+        outcome = await roll_accounts(roller, accounts, minute)
+        assert (outcome.rolled, outcome.failed) == (len(accounts), 0)
+    for account, layout in [(a, settings) for a in ours] + [(a, other_layout) for a in moved]:
+        doc = await running.db[keys.MINUTES].find_one({"account_id": account})
+        assert doc is not None and doc["rollup_partition"] == keys.rollup_lane(
+            layout, keys.rollup_partition_of(layout, account)
+        )
+    listener = ReturnedDocuments(keys.MINUTES)
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(settings.mongo_url,
+                                                     event_listeners=[listener])  # fmt: skip
+    try:
+        fresh = Roller(client[settings.mongo_db], running.redis, settings)  # nothing cached
+        heads = await fresh.heads_of(ours)
+        assert await prefetch(fresh, heads.values(), minute + MINUTE) == len(ours)
+        assert listener.returned == len(ours)  # not ``moved``'s, at the same start
+        assert {i.partition("|")[0] for i in fresh.prefetched} == set(ours)
+        heads = await fresh.heads_of(moved)
+        assert await prefetch(fresh, heads.values(), minute + MINUTE) == len(moved)
+        assert {i.partition("|")[0] for i in fresh.prefetched} == set(ours + moved)
+    finally:
+        await client.close()
 
 
 # -- two services' rollups processes, one killed mid-pass ---------------------------------

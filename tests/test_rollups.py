@@ -17,7 +17,8 @@ import pytest
 from core import keys, tail
 from core.buckets import HOUR, MINUTE, WINDOWS, floor, ms, to_datetime, window_start
 from core.figures import Figures
-from core.rollup_docs import read_head
+from core.rollup_docs import document_of, read_head
+from rollups import rollover
 from rollups.lease import Leases, holder
 from rollups.rollover import HeadConflict, Roller, next_change
 from service.snapshot import Raced, Snapshot
@@ -125,6 +126,48 @@ async def test_figures_are_exact_before_during_and_after_rollovers(running: Runn
         await assert_exact(running, account, moment)
 
 
+async def test_windows_share_one_document_while_small_and_stay_exact_either_way(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small account's six windows are one document (a window set); past
+    ``WINDOW_SET_ENTRIES`` each window that moves gets its own (the others stay named in
+    the set); and back: exact at every step, the superseded documents listed as retired."""
+    now = datetime.now(UTC)
+    account = unique("sets")
+    events = [event(account, i, now - timedelta(minutes=2, seconds=i), f"user_{i % 7}",
+                    ["login", "page_view"][i % 2]) for i in range(20)]  # fmt: skip
+    events += [event(account, 20 + i, now - timedelta(minutes=14), f"user_{i}") for i in range(5)]
+    events += [event(account, 30 + i, now - timedelta(hours=20, seconds=i)) for i in range(5)]
+    await store_all(running, account, events, len(events))
+    to, minute = ms(now), floor(ms(now), "minute")
+    roller = Roller(running.db, running.redis, running.settings)
+
+    def documents(head: Any) -> set[str]:
+        return {document_of(ref) for ref in head.windows.values()}
+
+    rolled = await roller.roll(account, minute)
+    assert rolled is not None and len(rolled.head.windows) == len(WINDOWS)
+    assert len(documents(rolled.head)) == 1 and rolled.documents["window"] == 1
+    await assert_exact(running, account, to)
+    monkeypatch.setattr(rollover, "WINDOW_SET_ENTRIES", 10)  # each window holds ~10
+    before = rolled.head
+    rolled = await roller.roll(account, minute + 3 * MINUTE)  # the 14-minute-old leave 15m
+    assert rolled is not None
+    assert [w for w, ref in rolled.head.windows.items() if "#" not in ref] == ["15m"]
+    assert rolled.documents["window"] == 1
+    assert {w: r for w, r in rolled.head.windows.items() if w != "15m"} == {
+        w: r for w, r in before.windows.items() if w != "15m"}  # fmt: skip
+    assert rolled.head.retired == []  # the set is still named
+    await assert_exact(running, account, to + 3 * MINUTE)
+    monkeypatch.undo()
+    before = rolled.head
+    rolled = await roller.roll(account, minute + 3 * HOUR)  # 15m and 1h move
+    assert rolled is not None and len(documents(rolled.head)) == 1
+    assert rolled.documents["window"] == 1
+    assert {d for k, d in rolled.head.retired if k == "window"} == documents(before)
+    await assert_exact(running, account, to + 3 * HOUR)
+
+
 async def test_two_jobs_rolling_one_account_at_once_stay_exact(running: Running) -> None:
     now = datetime.now(UTC)
     account = unique("race")
@@ -141,7 +184,7 @@ async def test_two_jobs_rolling_one_account_at_once_stay_exact(running: Running)
     # the loser's documents are gone: only what the head names is left
     head = await read_head(running.db, account)
     assert head is not None
-    named = set(head.windows.values())
+    named = {document_of(ref) for ref in head.windows.values()}
     assert {d["_id"] for d in running.backends.db[keys.WINDOWS].find()} == named
     await assert_exact(running, account, ms(now))
     for roller in (one, two):  # both can go on
@@ -229,6 +272,8 @@ async def test_an_account_with_100k_users_in_one_hour(running: Running) -> None:
     got = await figures(running, account, "24h", ms(now))
     assert got.total == 100_000 and got.unique_users == 100_000
     assert got.reads.documents == 2  # the head and one aggregate
+    head = await read_head(running.db, account)  # too large to share one document
+    assert head is not None and len({document_of(r) for r in head.windows.values()}) == 6
 
 
 async def test_a_rollover_trims_more_tail_entries_than_lua_unpacks_at_once(

@@ -44,6 +44,7 @@ from core.events import (
 from core.figures import Figures, combine
 from core.settings import SettingsError, load_settings
 from core.tail import TailEvents, encode, parse_entries, parse_id
+from scripts.bench_rollups import label, wait_for_pass
 from service.caches import SingleFlight
 from service.errors import BadRequest, BodyTooLarge
 from service.sdk_bodies import gunzip
@@ -444,3 +445,21 @@ def test_events_envelope_is_unwrapped_and_a_plain_array_untouched() -> None:
         assert [p.field for p in problems] == [field]
     with pytest.raises(NotJSON):
         unwrap_envelope(b'{"events": [')
+
+
+def test_the_rollups_bench_takes_the_pass_that_rolled_past_skipped_minutes(
+    tmp_path: Path,
+) -> None:
+    """A pass longer than a minute makes the next roll to a later minute: the bench
+    reports that pass and how many minutes were skipped, instead of waiting for ever."""
+    minute = 1_796_548_080_000
+    log = tmp_path / "rollups-0.log"
+    log.write_text(
+        f"... rolled 300 accounts to {label(minute + 2 * 60_000)} in 75.00 s (0 failed)\n"
+        f"... rolled 200 accounts to {label(minute + 2 * 60_000)} in 12.50 s (0 failed)\n"
+    )
+    found = wait_for_pass(tmp_path, minute, 500, timeout=2)
+    assert (found.skipped, found.seconds, found.per_process) == (2, 75.0, [(300, 75.0),
+                                                                         (200, 12.5)])  # fmt: skip
+    with pytest.raises(RuntimeError, match="no pass rolled 501 accounts"):
+        wait_for_pass(tmp_path, minute, 501, timeout=0.5)
