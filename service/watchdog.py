@@ -10,7 +10,12 @@ It also makes SIGTERM/SIGINT end the main process whenever they arrive: Sanic
 waits for its HTTP workers to acknowledge start-up (``wait_for_ack`` re-sends
 the shutdown message to itself), so such a signal is held until every worker
 has acknowledged, and a safety net exits after the shutdown grace whatever
-happens.
+happens. The shutdown itself runs in the manager's loop (its ``__TERMINATE__``
+message), not in the signal handler as Sanic's own handler does: that one
+writes the processes' shared state, and a signal that lands while the loop is
+mid-call to the same state's manager reads the loop's reply (``'NoneType'
+object is not a mapping``), and the main process exits 1 — seen once in a
+fresh-clone run. A second signal still goes to Sanic's handler (it kills).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Watchdog(threading.Thread):
         self._acked = threading.Event()
         self._held_signal: int | None = None
         self._hand_over = threading.Lock()
+        self._terminating = False
 
     def stop(self) -> None:
         self._stopping.set()
@@ -66,8 +72,12 @@ class Watchdog(threading.Thread):
                     if not self._acked.is_set():
                         self._held_signal = signum  # delivered again by run()
                         return
-                if callable(then):
-                    then(signum, frame)
+                if not self._terminating:
+                    self._terminating = True
+                    log.info("Received signal %s. Shutting down.", signal.Signals(signum).name)
+                    self._manager.monitor_publisher.send("__TERMINATE__")
+                elif callable(then):
+                    then(signum, frame)  # a second signal: Sanic's handler kills
 
             signal.signal(sig, handler)
 
