@@ -108,27 +108,16 @@ return 1
 # slot (one stream partition's): a rollup job that lost its lease mid-way must not
 # put back an older head after the tail was trimmed for a newer. A copy lapses after
 # HEAD_COPY_TTL_SECONDS without a rollover (an idle account's readers then read its
-# head from the store).
-# KEYS: head copies; ARGV: ttl, then per key: version, copy
+# head from the store). With ``only kept`` 1, a copy that lapsed is not put back: a
+# head that wrote nothing (published by a process that died before copying it) only
+# raises a copy readers still hold (without one they read the store's newest).
+# KEYS: head copies; ARGV: ttl, only kept (0/1), then per key: version, copy
 _KEEP_HEADS = """
+local floor = tonumber(ARGV[2])
 for i = 1, #KEYS do
   local kept = tonumber(redis.call('HGET', KEYS[i], 'v') or '0')
-  if tonumber(ARGV[2 * i]) > kept then
-    redis.call('HSET', KEYS[i], 'v', ARGV[2 * i], 'h', ARGV[2 * i + 1])
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
-  end
-end
-return 1
-"""
-
-# _KEEP_HEADS for copies that exist only: a head that wrote nothing (its rollover was
-# published by a process that died before copying it) raises a copy readers still
-# hold, and never puts back one that lapsed (readers then read the store's newest).
-_RAISE_HEADS = """
-for i = 1, #KEYS do
-  local kept = tonumber(redis.call('HGET', KEYS[i], 'v') or '0')
-  if kept > 0 and tonumber(ARGV[2 * i]) > kept then
-    redis.call('HSET', KEYS[i], 'v', ARGV[2 * i], 'h', ARGV[2 * i + 1])
+  if kept >= floor and tonumber(ARGV[2 * i + 1]) > kept then
+    redis.call('HSET', KEYS[i], 'v', ARGV[2 * i + 1], 'h', ARGV[2 * i + 2])
     redis.call('EXPIRE', KEYS[i], ARGV[1])
   end
 end
@@ -708,27 +697,28 @@ class Roller:
         """Raise the Redis copies older than these heads (read from the store), before
         trimming the tail entries they applied: a process that published a head and died
         before copying it left readers the copy before, which needs those entries."""
-        await self._keep_heads(heads, _RAISE_HEADS)
+        await self._keep_heads(heads, only_kept=True)
 
-    async def _keep_heads(self, heads: Sequence[Head], script: str = _KEEP_HEADS) -> None:
-        """Keep the new heads' copies in Redis: one script call per stream partition (the
-        slot of the copies) for up to ``KEEP_HEAD_CALLS`` heads, pipelined."""
+    async def _keep_heads(self, heads: Sequence[Head], only_kept: bool = False) -> None:
+        """Keep the new heads' copies in Redis (with ``only_kept``, raise only copies that
+        exist): one script call per stream partition (the slot of the copies) for up to
+        ``KEEP_HEAD_CALLS`` heads, pipelined."""
         if not heads:
             return
-        ttl = self.settings.head_copy_ttl_seconds
+        fixed = [self.settings.head_copy_ttl_seconds, int(only_kept)]
         groups: dict[str, tuple[list[str], list[Any]]] = {}
         for head in heads:
             part = keys.partition_of(self.settings, head.account_id)
-            copies, args = groups.setdefault(part.tag, ([], [ttl]))
+            copies, args = groups.setdefault(part.tag, ([], []))
             copies.append(part.head(head.account_id))
             args += [head.version, head.copy()]
-        sha = await self.redis.script_load(script)
+        sha = await self.redis.script_load(_KEEP_HEADS)
         async with self.redis.pipeline(transaction=False) as pipe:
             for copies, args in groups.values():
                 for start in range(0, len(copies), KEEP_HEAD_CALLS):
                     end = start + KEEP_HEAD_CALLS
-                    pipe.evalsha(sha, len(copies[start:end]), *copies[start:end], args[0],
-                                 *args[1 + 2 * start : 1 + 2 * end])  # fmt: skip
+                    pipe.evalsha(sha, len(copies[start:end]), *copies[start:end], *fixed,
+                                 *args[2 * start : 2 * end])  # fmt: skip
             await pipe.execute()
 
     async def _discard(self, written: Sequence[dict[Kind, list[Document]]]) -> None:
