@@ -140,6 +140,13 @@ def ids(docs: Iterable[dict[str, Any]]) -> list[str]:
     return sorted(d["event_id"] for d in docs)
 
 
+async def minute_with_room(seconds: float) -> None:
+    """Wait until at least ``seconds`` are left in the current minute: for checks that
+    hold only within one minute (at the next, a rollover moves every window)."""
+    await eventually(lambda: 60 - datetime.now(UTC).timestamp() % 60 >= seconds, 70, 0.1,
+                     what=f"a minute with {seconds} s left")  # fmt: skip
+
+
 async def eventually(
     check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
 ) -> Any:
